@@ -1,0 +1,1 @@
+"""The HTTP side: verifies Facebook's signature, queues every event, acknowledges at once."""

@@ -1,0 +1,147 @@
+"""The aiohttp application: webhook endpoints, health checks and the attribution read API."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import msgspec
+from aiohttp import web
+from redis.asyncio import Redis
+
+from ingest.envelope import parse
+from ingest.queue import Enqueuer
+from ingest.signature import SignatureVerifier
+from shared import keys
+from shared.attribution import read_record
+from shared.errors import BadRequest, QueueUnavailable
+from shared.redis import connect, hash_fields
+from shared.settings import Settings
+
+log = logging.getLogger("fbhook.ingest")
+
+EVENT_RECEIVED = "EVENT_RECEIVED"
+_JSON_TYPES = frozenset({"application/json", "text/json"})
+
+
+@dataclass(slots=True)
+class State:
+    settings: Settings
+    verifier: SignatureVerifier
+    redis: Redis
+    enqueuer: Enqueuer
+    verify_token: bytes
+    api_token: bytes
+
+
+SETTINGS = web.AppKey("settings", Settings)
+STATE = web.AppKey("state", State)
+
+
+def _text(status: int, reason: str) -> web.Response:
+    return web.Response(status=status, text=reason + "\n")
+
+
+async def handshake(request: web.Request) -> web.Response:
+    """Facebook's subscription check: echo `hub.challenge` when mode and token match."""
+    state = request.app[STATE]
+    query = request.query
+    token = query.get("hub.verify_token", "").encode()
+    token_ok = hmac.compare_digest(token, state.verify_token)
+    if query.get("hub.mode") == "subscribe" and token_ok and "hub.challenge" in query:
+        return web.Response(text=query["hub.challenge"])
+    return _text(403, "verification failed")
+
+
+async def receive(request: web.Request) -> web.Response:
+    """Verify, decode, queue every event in one round trip, then acknowledge."""
+    state = request.app[STATE]
+    content_type = request.content_type
+    if request.headers.get("Content-Type") and content_type not in _JSON_TYPES:
+        return _text(415, "content type must be application/json")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _text(413, f"body over {state.settings.max_body_bytes} bytes")
+    if not state.verifier.verify(request.headers.get("X-Hub-Signature-256"), body):
+        return _text(403, "invalid or missing X-Hub-Signature-256")
+    try:
+        events = parse(body, int(time.time() * 1000))
+    except BadRequest as exc:
+        return _text(400, str(exc))
+    if events:
+        try:
+            await state.enqueuer.put(events)
+        except QueueUnavailable as exc:
+            log.warning("webhook not queued: %s", exc)
+            return _text(503, "queue unavailable, retry later")
+    return web.Response(text=EVENT_RECEIVED)
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        await state.redis.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        return web.json_response({"status": "unavailable", "redis": type(exc).__name__}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+def bearer_ok(request: web.Request, expected: bytes) -> bool:
+    """Constant-time check of `Authorization: Bearer <token>`."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
+
+
+async def attribution(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not bearer_ok(request, state.api_token):
+        return web.json_response(
+            {"error": "missing or invalid bearer token"}, status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    user = request.match_info["user_id"]
+    try:
+        fields = await hash_fields(state.redis, keys.attribution(user))
+    except Exception:  # noqa: BLE001
+        return web.json_response({"error": "redis unavailable"}, status=503)
+    view = read_record(user, fields)
+    if view is None:
+        return web.json_response({"error": "no attribution for this user"}, status=404)
+    return web.Response(body=msgspec.json.encode(view), content_type="application/json")
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis = connect(settings)
+    app[STATE] = State(
+        settings=settings,
+        verifier=SignatureVerifier(settings.fb_app_secrets),
+        redis=redis,
+        enqueuer=Enqueuer(redis, settings),
+        verify_token=settings.fb_verify_token.encode(),
+        api_token=settings.api_token.encode(),
+    )
+    yield
+    await redis.aclose()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the ingest application; Redis is opened on start-up and closed on clean-up."""
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_redis_ctx)
+    app.router.add_get("/webhook", handshake)
+    app.router.add_post("/webhook", receive)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/attribution/{user_id}", attribution)
+    return app

@@ -1,0 +1,147 @@
+"""Turns a webhook body into queued events: one per item of every `messaging[]` and `standby[]`.
+
+Items in `changes[]` (the App Dashboard's test format) count when their value is a Messenger
+event. The fast path decodes the envelope into typed Structs and keeps each item as raw JSON bytes.
+When Facebook's shapes are odd (an id of another type, `messaging` that is not a list, an entry
+that is not an object), the lenient path walks plain values instead: a correctly signed body with
+an `entry` list is never refused, and nothing in it is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, NamedTuple
+
+import msgspec
+
+from shared.codec import QueuedEvent, encode_event
+from shared.errors import BadRequest
+from shared.kinds import UNKNOWN, classify
+
+CHANNELS = ("messaging", "standby")
+_MID_KINDS = {"message": "message", "message_echo": "message", "postback": "postback"}
+
+
+class _Change(msgspec.Struct):
+    field: str | None = None
+    value: msgspec.Raw | None = None
+
+
+class _Entry(msgspec.Struct):
+    id: str | int | None = None
+    messaging: list[msgspec.Raw] | None = None
+    standby: list[msgspec.Raw] | None = None
+    changes: list[_Change] | None = None
+
+
+class _Envelope(msgspec.Struct):
+    entry: list[_Entry]
+
+
+class Routed(NamedTuple):
+    """One event ready for the queue: its dedupe id, its kind (the job function) and its bytes."""
+
+    id: str
+    kind: str
+    blob: bytes
+
+
+_fast_decoder = msgspec.json.Decoder(_Envelope)
+_any_decoder = msgspec.json.Decoder()
+_canonical = msgspec.json.Encoder(order="sorted").encode
+_plain = msgspec.json.Encoder().encode
+
+NOT_JSON = "body is not valid JSON"
+NOT_ENVELOPE = "body must be a JSON object with an 'entry' list"
+
+
+def parse(body: bytes, received_ms: int) -> list[Routed]:
+    """Every event in the body, in order. Raises BadRequest only for a body that is no envelope."""
+    try:
+        envelope = _fast_decoder.decode(body)
+    except msgspec.ValidationError:
+        return _parse_lenient(body, received_ms)
+    except msgspec.DecodeError:
+        raise BadRequest(NOT_JSON) from None
+    out: list[Routed] = []
+    for entry in envelope.entry:
+        page = None if entry.id is None else str(entry.id)
+        if entry.messaging:
+            for raw in entry.messaging:
+                out.append(_route(raw, _any_decoder.decode(raw), "messaging", page, received_ms))
+        if entry.standby:
+            for raw in entry.standby:
+                out.append(_route(raw, _any_decoder.decode(raw), "standby", page, received_ms))
+        if entry.changes:
+            for change in entry.changes:
+                if change.value is not None:
+                    value = _any_decoder.decode(change.value)
+                    if _is_messaging_item(value):
+                        out.append(_route(change.value, value, "messaging", page, received_ms))
+    return out
+
+
+def _is_messaging_item(value: Any) -> bool:
+    """A `changes[].value` that is a Messenger event (the App Dashboard's test format) rather
+    than a Page change such as a feed post: it names a sender or a recipient."""
+    return isinstance(value, dict) and ("sender" in value or "recipient" in value)
+
+
+def _parse_lenient(body: bytes, received_ms: int) -> list[Routed]:
+    try:
+        doc = _any_decoder.decode(body)
+    except msgspec.DecodeError:
+        raise BadRequest(NOT_JSON) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("entry"), list):
+        raise BadRequest(NOT_ENVELOPE)
+    out: list[Routed] = []
+    for entry in doc["entry"]:
+        if not isinstance(entry, dict):
+            # Not an entry object: no page, no items; keep it whole as one unknown event.
+            out.append(_route(msgspec.Raw(_plain(entry)), entry, "entry", None, received_ms))
+            continue
+        page = _as_id(entry.get("id"))
+        for channel in CHANNELS:
+            items = entry.get(channel)
+            if items is None:
+                continue
+            for item in items if isinstance(items, list) else [items]:
+                out.append(_route(msgspec.Raw(_plain(item)), item, channel, page, received_ms))
+        changes = entry.get("changes")
+        for change in changes if isinstance(changes, list) else []:
+            value = change.get("value") if isinstance(change, dict) else None
+            if _is_messaging_item(value):
+                raw = msgspec.Raw(_plain(value))
+                out.append(_route(raw, value, "messaging", page, received_ms))
+    return out
+
+
+def _route(raw: msgspec.Raw, item: Any, channel: str, page: str | None, now: int) -> Routed:
+    kind = classify(item) if channel != "entry" else UNKNOWN
+    event_id = dedupe_id(kind, item, page)
+    return Routed(event_id, kind, encode_event(QueuedEvent(event_id, channel, page, now, raw)))
+
+
+def dedupe_id(kind: str, item: Any, page: str | None) -> str:
+    """`<kind>:<mid>` where Facebook gives a mid; else a hash of the item's canonical JSON.
+
+    The item (not the entry) is hashed: `entry.time` changes when Facebook retries, the item
+    does not. Keys are sorted so that a re-serialised copy hashes the same.
+    """
+    key = _MID_KINDS.get(kind)
+    if key is not None:
+        mid = item[key].get("mid")
+        if isinstance(mid, str | int) and not isinstance(mid, bool) and mid != "":
+            return f"{kind}:{mid}"
+    digest = hashlib.blake2b(_canonical(item), digest_size=16, person=b"fbhook-item")
+    if page is not None:
+        digest.update(page.encode())
+    return "h:" + digest.hexdigest()
+
+
+def _as_id(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(int(value)) if float(value).is_integer() else str(value)
+    return None

@@ -1,0 +1,33 @@
+"""Every Redis key name the project writes or reads, defined once."""
+
+from __future__ import annotations
+
+SEEN_PREFIX = "fb:seen:"
+"""`fb:seen:<event id>`: the dedupe marker; "q" once queued, "d" once processed, "x" if dead."""
+
+STREAM_PREFIX = "fb:events:"
+"""`fb:events:<kind>`: a Redis Stream per event kind, the interface for downstream consumers."""
+
+ATTR_PREFIX = "fb:attr:"
+"""`fb:attr:<user>`: a hash holding a user's referral touches (see workers/effects.lua)."""
+
+REFERRALS_STREAM = "fb:referrals"
+"""Every new referral touch, published for bots that greet users as they arrive."""
+
+DEAD_LETTERS = "fb:dead"
+"""A stream of events whose job function kept failing: raw payload, error, tries."""
+
+ARQ_JOB_PREFIX = "arq:job:"
+"""arq's job key prefix (arq.constants.job_key_prefix): ingest writes arq jobs directly."""
+
+
+def stream(kind: str) -> str:
+    return STREAM_PREFIX + kind
+
+
+def attribution(user: str) -> str:
+    return ATTR_PREFIX + user
+
+
+def seen(event_id: str) -> str:
+    return SEEN_PREFIX + event_id

@@ -1,0 +1,162 @@
+"""All configuration, read from the environment in one place and validated at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+
+from shared.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _int(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _secrets(name: str, raw: str) -> tuple[bytes, ...]:
+    secrets = tuple(s.strip().encode() for s in raw.split(",") if s.strip())
+    if not secrets:
+        raise ConfigError(f"{name} must hold at least one secret (comma-separated for rotation)")
+    return secrets
+
+
+def _token(name: str, raw: str) -> str:
+    if len(raw) < 8:
+        raise ConfigError(f"{name} must be at least 8 characters long")
+    return raw
+
+
+def _redis_url(name: str, raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        scheme = raw.partition("://")[0]
+        raise ConfigError(f"{name} must start with redis://, rediss:// or unix://, not {scheme!r}")
+    return raw
+
+
+def _choice(*options: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _text(name: str, raw: str) -> str:
+    if not raw:
+        raise ConfigError(f"{name} must not be empty")
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting the ingest and the workers read. Build it with `Settings.from_env()`."""
+
+    fb_app_secrets: tuple[bytes, ...]
+    fb_verify_token: str
+    api_token: str
+    redis_url: str = DEFAULT_REDIS_URL
+    ingest_host: str = "0.0.0.0"  # noqa: S104 - a container listens on every interface
+    ingest_port: int = 8080
+    max_body_bytes: int = 1_048_576
+    redis_timeout_s: float = 1.5
+    dedupe_ttl_s: int = 172_800
+    stream_maxlen: int = 1_000_000
+    history_cap: int = 10
+    queue_name: str = "fb:queue"
+    job_max_events: int = 500
+    job_timeout_s: int = 60
+    job_max_tries: int = 5
+    worker_max_jobs: int = 8
+    worker_poll_delay_s: float = 0.05
+    worker_metrics_port: int = 0
+    watchdog_s: int = 900
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every setting; raise ConfigError naming the first bad variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, (field_name, parse, required) in _SPEC.items():
+            raw = env.get(name)
+            if raw is None or raw == "":
+                if required:
+                    raise ConfigError(f"{name} is required but not set")
+                continue
+            values[field_name] = parse(name, raw)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def redacted(self) -> dict[str, object]:
+        """The settings with every secret replaced, fit for a log line or `check-config`."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in {"fb_app_secrets", "fb_verify_token", "api_token"}:
+                value = "<set>"
+            elif f.name == "redis_url":
+                value = redact_url(value)
+            out[f.name] = value
+        return out
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a Redis URL."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+# variable -> (Settings field, parser, required)
+_SPEC: dict[str, tuple[str, Callable[[str, str], object], bool]] = {
+    "FB_APP_SECRET": ("fb_app_secrets", _secrets, True),
+    "FB_VERIFY_TOKEN": ("fb_verify_token", _token, True),
+    "API_TOKEN": ("api_token", _token, True),
+    "REDIS_URL": ("redis_url", _redis_url, False),
+    "INGEST_HOST": ("ingest_host", _text, False),
+    "INGEST_PORT": ("ingest_port", _int(1, 65535), False),
+    "MAX_BODY_BYTES": ("max_body_bytes", _int(1024, 64 * 1024 * 1024), False),
+    "REDIS_TIMEOUT_SECONDS": ("redis_timeout_s", _float(0.05, 30.0), False),
+    "DEDUPE_TTL_SECONDS": ("dedupe_ttl_s", _int(60, 30 * 86400), False),
+    "STREAM_MAXLEN": ("stream_maxlen", _int(100, 1_000_000_000), False),
+    "HISTORY_CAP": ("history_cap", _int(1, 1000), False),
+    "QUEUE_NAME": ("queue_name", _text, False),
+    "JOB_MAX_EVENTS": ("job_max_events", _int(1, 10_000), False),
+    "JOB_TIMEOUT_SECONDS": ("job_timeout_s", _int(1, 3600), False),
+    "JOB_MAX_TRIES": ("job_max_tries", _int(1, 100), False),
+    "WORKER_MAX_JOBS": ("worker_max_jobs", _int(1, 1000), False),
+    "WORKER_POLL_DELAY_SECONDS": ("worker_poll_delay_s", _float(0.0, 10.0), False),
+    "WORKER_METRICS_PORT": ("worker_metrics_port", _int(0, 65535), False),
+    "WATCHDOG_SECONDS": ("watchdog_s", _int(0, 7 * 86400), False),
+    "LOG_FORMAT": ("log_format", _choice("auto", "json", "text"), False),
+    "LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error"), False),
+}

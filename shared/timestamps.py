@@ -1,0 +1,25 @@
+"""Facebook sends timestamps as ms or s, as numbers, floats or strings: normalise to ms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Below this a value is taken as seconds: 1e11 ms is March 1973, 1e11 s is the year 5138.
+_SECONDS_BELOW = 100_000_000_000
+
+
+def to_millis(value: Any) -> int | None:
+    """Integer milliseconds since the epoch, or None when the value is not a timestamp."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, int | float) or value != value or value < 0:  # NaN or negative
+        return None
+    if value >= 1e16:  # beyond year 2286 in ms: not a timestamp
+        return None
+    ms = value * 1000 if value < _SECONDS_BELOW else value
+    return round(ms)

@@ -1,0 +1,122 @@
+"""The arq job functions: one per kind, each taking a batch of events.
+
+A job decodes its events, runs the handlers registered for their kind, then writes the built-in
+outputs (stream entry, attribution touch) in one atomic call that skips what is already done.
+A handler that raises is retried with backoff; after `JOB_MAX_TRIES` its events are dead-lettered.
+Redis errors retry the whole job: nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from arq import Retry
+from redis.exceptions import RedisError
+
+from shared import keys
+from shared.codec import DecodedEvent, decode_event
+from shared.events import Event
+from shared.kinds import UNKNOWN, event_key
+from shared.settings import Settings
+from workers import registry
+from workers.deadletters import bury
+from workers.effects import Effects
+from workers.normalize import normalize
+
+log = logging.getLogger("fbhook.worker")
+
+Job = Callable[..., Awaitable[int]]
+
+
+@dataclass(slots=True)
+class Runtime:
+    """What every job needs, built once when the worker starts (ctx["fbhook"])."""
+
+    settings: Settings
+    effects: Effects
+    processed: dict[str, int] = field(default_factory=dict)
+
+
+def backoff_s(job_try: int) -> float:
+    return float(min(2 ** job_try, 60))
+
+
+def _kind_for(kind: str, queued: DecodedEvent) -> str:
+    """An unknown item whose key has a registered handler becomes that kind (an extension)."""
+    if kind != UNKNOWN:
+        return kind
+    key = event_key(queued.raw)
+    return key if key is not None and registry.has_handlers(key) else UNKNOWN
+
+
+def make_job(kind: str) -> Job:
+    async def job(ctx: dict[str, Any], *, events: list[str]) -> int:
+        return await run_batch(ctx, kind, events)
+
+    job.__name__ = job.__qualname__ = kind
+    job.__doc__ = f"Process a batch of `{kind}` events."
+    return job
+
+
+async def run_batch(ctx: dict[str, Any], kind: str, blobs: list[str]) -> int:
+    runtime: Runtime = ctx["fbhook"]
+    redis = ctx["redis"]
+    started = time.perf_counter()
+    job_try = int(ctx.get("job_try", 1))
+    events: list[Event] = []
+    payloads: dict[str, str] = {}
+    failures: dict[str, str] = {}
+    for blob in blobs:
+        try:
+            queued = decode_event(blob)
+        except msgspec.DecodeError as exc:
+            failures[f"undecodable:{hash(blob) & 0xFFFFFFFF:x}"] = f"undecodable event: {exc}"
+            payloads[f"undecodable:{hash(blob) & 0xFFFFFFFF:x}"] = blob
+            continue
+        event = normalize(_kind_for(kind, queued), queued)
+        events.append(event)
+        payloads[event.id] = blob
+    try:
+        done = await _run_handlers(ctx, redis, events, failures)
+        codes = await runtime.effects.write(done)
+        if failures:
+            if job_try < runtime.settings.job_max_tries:
+                raise Retry(defer=backoff_s(job_try))
+            for event_id, error in failures.items():
+                await bury(redis, kind, event_id, payloads[event_id], error, job_try,
+                           runtime.settings.dedupe_ttl_s)
+            log.error("dead-lettered %d %s events after %d tries", len(failures), kind, job_try)
+    except RedisError as exc:
+        log.warning("redis error in %s job (try %d): %s", kind, job_try, type(exc).__name__)
+        raise Retry(defer=backoff_s(job_try)) from exc
+    written = sum(1 for c in codes if c)
+    runtime.processed[kind] = runtime.processed.get(kind, 0) + written
+    log.debug("job done", extra={"kind": kind, "events": len(blobs), "written": written,
+                                 "ms": round((time.perf_counter() - started) * 1000, 2)})
+    return written
+
+
+async def _run_handlers(ctx: dict[str, Any], redis: Any, events: list[Event],
+                        failures: dict[str, str]) -> list[Event]:
+    """Run registered handlers for events not yet done; return the events that succeeded."""
+    with_handlers = [e for e in events if registry.has_handlers(e.kind)]
+    if not with_handlers:
+        return events
+    states = await redis.mget([keys.seen(e.id) for e in with_handlers])
+    already = {e.id for e, state in zip(with_handlers, states, strict=True) if state == b"d"}
+    ok: list[Event] = []
+    for event in events:
+        if event.id not in already:
+            try:
+                for handler in registry.handlers_for(event.kind):
+                    await handler(ctx, event)
+            except Exception as exc:  # noqa: BLE001 - a handler's failure is recorded, not fatal
+                failures[event.id] = f"{type(exc).__name__}: {exc}"
+                continue
+        ok.append(event)
+    return ok

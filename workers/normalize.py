@@ -1,0 +1,228 @@
+"""Raw Facebook items to normalised events, tolerant of every inconsistency seen in real traffic.
+
+Each reader takes plain decoded JSON and never raises: a field of the wrong type becomes None,
+so an odd item still yields an event of its kind (its raw item stays on the dead-letter path only
+if a job function fails).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from shared import events as ev
+from shared.codec import DecodedEvent
+from shared.kinds import event_key
+from shared.timestamps import to_millis
+
+Reader = Callable[[dict[str, Any], dict[str, Any]], ev.Event]
+
+
+def s(value: Any) -> str | None:
+    """A string id or text: strings as they are, whole numbers as digits, anything else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return None
+
+
+def i(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def d(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def referral(value: Any) -> ev.Referral | None:
+    """A referral object; the Shops form `{"product": {"id": ...}}` gives `product_id`."""
+    if not isinstance(value, dict):
+        return None
+    ads = value.get("ads_context_data")
+    return ev.Referral(
+        source=s(value.get("source")),
+        type=s(value.get("type")),
+        ref=s(value.get("ref")),
+        ad_id=s(value.get("ad_id")),
+        ads_context_data=ads if isinstance(ads, dict) and ads else None,
+        referer_uri=s(value.get("referer_uri")) or s(value.get("origin_domain")),
+        product_id=s(d(value.get("product")).get("id")),
+    )
+
+
+def _message(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    m = d(item.get("message"))
+    attachments = m.get("attachments")
+    return ev.Message(
+        **base,
+        mid=s(m.get("mid")),
+        text=s(m.get("text")),
+        quick_reply_payload=s(d(m.get("quick_reply")).get("payload")),
+        reply_to_mid=s(d(m.get("reply_to")).get("mid")),
+        attachments=attachments if isinstance(attachments, list) else [],
+        referral=referral(m.get("referral")),
+        app_id=s(m.get("app_id")),
+        metadata=s(m.get("metadata")),
+    )
+
+
+def _postback(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    p = d(item.get("postback"))
+    return ev.Postback(
+        **base, mid=s(p.get("mid")), title=s(p.get("title")), payload=s(p.get("payload")),
+        referral=referral(p.get("referral")),
+    )
+
+
+def _referral(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    return ev.ReferralEvent(**base, referral=referral(item.get("referral")) or ev.Referral())
+
+
+def _delivery(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    dl = d(item.get("delivery"))
+    mids = dl.get("mids")
+    return ev.Delivery(
+        **base,
+        mids=[m for m in (s(x) for x in mids) if m] if isinstance(mids, list) else [],
+        watermark=to_millis(dl.get("watermark")),
+    )
+
+
+def _read(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    return ev.Read(**base, watermark=to_millis(d(item.get("read")).get("watermark")))
+
+
+def _reaction(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    r = d(item.get("reaction"))
+    return ev.Reaction(
+        **base, mid=s(r.get("mid")), reaction=s(r.get("reaction")), emoji=s(r.get("emoji")),
+        action=s(r.get("action")),
+    )
+
+
+def _edit(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    e = d(item.get("message_edit"))
+    return ev.MessageEdit(**base, mid=s(e.get("mid")), text=s(e.get("text")),
+                          num_edit=i(e.get("num_edit")))
+
+
+def _optin(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    o = d(item.get("optin"))
+    return ev.Optin(
+        **base, ref=s(o.get("ref")), user_ref=s(o.get("user_ref")), type=s(o.get("type")),
+        payload=s(o.get("payload")),
+        notification_messages_token=s(o.get("notification_messages_token")),
+    )
+
+
+def _account_linking(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    a = d(item.get("account_linking"))
+    return ev.AccountLinking(**base, status=s(a.get("status")),
+                             authorization_code=s(a.get("authorization_code")))
+
+
+def _policy(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    p = d(item.get("policy_enforcement") or item.get("policy-enforcement"))
+    return ev.PolicyEnforcement(**base, action=s(p.get("action")), reason=s(p.get("reason")))
+
+
+def _game_play(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    g = d(item.get("game_play"))
+    score = g.get("score")
+    return ev.GamePlay(
+        **base, game_id=s(g.get("game_id")), player_id=s(g.get("player_id")),
+        context_type=s(g.get("context_type")), context_id=s(g.get("context_id")),
+        score=float(score) if isinstance(score, int | float) and not isinstance(score, bool)
+        else None,
+        payload=s(g.get("payload")),
+    )
+
+
+def _thread_control(key: str) -> Reader:
+    def read(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+        t = d(item.get(key))
+        return ev.ThreadControl(
+            **base,
+            new_owner_app_id=s(t.get("new_owner_app_id")),
+            previous_owner_app_id=s(t.get("previous_owner_app_id")),
+            requested_owner_app_id=s(t.get("requested_owner_app_id")),
+            metadata=s(t.get("metadata")),
+        )
+
+    return read
+
+
+def _app_roles(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    roles = {
+        str(app): [str(r) for r in value] if isinstance(value, list) else []
+        for app, value in d(item.get("app_roles")).items()
+    }
+    return ev.AppRoles(**base, roles=roles)
+
+
+def _feedback(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    f = d(item.get("response_feedback"))
+    return ev.ResponseFeedback(**base, mid=s(f.get("mid")), feedback=s(f.get("feedback")))
+
+
+def _unknown(base: dict[str, Any], item: Any) -> ev.Event:
+    return ev.Unknown(**base, key=event_key(item), raw=item)
+
+
+READERS: dict[str, Reader] = {
+    "message": _message,
+    "message_echo": _message,
+    "postback": _postback,
+    "referral": _referral,
+    "delivery": _delivery,
+    "read": _read,
+    "reaction": _reaction,
+    "message_edit": _edit,
+    "optin": _optin,
+    "account_linking": _account_linking,
+    "policy_enforcement": _policy,
+    "game_play": _game_play,
+    "pass_thread_control": _thread_control("pass_thread_control"),
+    "take_thread_control": _thread_control("take_thread_control"),
+    "request_thread_control": _thread_control("request_thread_control"),
+    "app_roles": _app_roles,
+    "response_feedback": _feedback,
+}
+
+
+def sender_of(item: dict[str, Any]) -> str | None:
+    """`sender.id`, else `sender.user_ref` (the chat plugin's guest), else None."""
+    sender = d(item.get("sender"))
+    return s(sender.get("id")) or s(sender.get("user_ref"))
+
+
+def normalize(kind: str, queued: DecodedEvent) -> ev.Event:
+    """The normalised event of `kind` for one queued item; unknown kinds keep the raw item."""
+    raw = queued.raw
+    item = raw if isinstance(raw, dict) else {}
+    base: dict[str, Any] = {
+        "kind": kind,
+        "id": queued.id,
+        "channel": queued.channel,
+        "page_id": queued.page_id,
+        "sender": sender_of(item),
+        "recipient": s(d(item.get("recipient")).get("id")),
+        "timestamp": to_millis(item.get("timestamp")) or queued.received_ms,
+    }
+    reader = READERS.get(kind)
+    if reader is None:
+        return _unknown(base, raw)
+    return reader(base, item)
