@@ -31,15 +31,17 @@ def redis_proc() -> Iterator[RedisProcess]:
 
 @pytest.fixture
 def settings(redis_proc: RedisProcess) -> Settings:
-    return Settings.from_env({
-        "FB_APP_SECRET": f"{SECRET.decode()},{OLD_SECRET.decode()}",
-        "FB_VERIFY_TOKEN": VERIFY_TOKEN,
-        "API_TOKEN": API_TOKEN,
-        "REDIS_URL": redis_proc.url,
-        "REDIS_TIMEOUT_SECONDS": "1",
-        "WORKER_POLL_DELAY_SECONDS": "0",
-        "JOB_MAX_TRIES": "3",
-    })
+    return Settings.from_env(
+        {
+            "FB_APP_SECRET": f"{SECRET.decode()},{OLD_SECRET.decode()}",
+            "FB_VERIFY_TOKEN": VERIFY_TOKEN,
+            "API_TOKEN": API_TOKEN,
+            "REDIS_URL": redis_proc.url,
+            "REDIS_TIMEOUT_SECONDS": "1",
+            "WORKER_POLL_DELAY_SECONDS": "0",
+            "JOB_MAX_TRIES": "3",
+        }
+    )
 
 
 @pytest.fixture
@@ -64,8 +66,13 @@ async def client(aiohttp_client: Any, settings: Settings, redis: Redis) -> TestC
 def post(client: TestClient[Any, Any]) -> Post:
     """POST a body to /webhook, signed with the current secret unless told otherwise."""
 
-    async def send(body: Any, *, secret: bytes | None = SECRET, headers: dict[str, str] | None = None,
-                   raw: bytes | None = None) -> Any:
+    async def send(
+        body: Any,
+        *,
+        secret: bytes | None = SECRET,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> Any:
         data = raw if raw is not None else json.dumps(body).encode()
         hdrs = {"Content-Type": "application/json"}
         if secret is not None:
@@ -94,7 +101,11 @@ def drain(settings: Settings) -> Callable[[], Awaitable[None]]:
 
 async def stream_rows(redis: Redis, kind: str | None = None) -> list[dict[str, str]]:
     """Every entry of every `fb:events:*` stream (or of one kind), fields decoded."""
-    names = [f"fb:events:{kind}"] if kind else [k.decode() async for k in redis.scan_iter("fb:events:*")]
+    names = (
+        [f"fb:events:{kind}"]
+        if kind
+        else [k.decode() async for k in redis.scan_iter("fb:events:*")]
+    )
     rows: list[dict[str, str]] = []
     for name in names:
         for _, fields in await redis.xrange(name):

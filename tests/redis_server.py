@@ -70,12 +70,25 @@ def redis_server(appendonly: bool = False) -> Iterator[RedisProcess]:
     with tempfile.TemporaryDirectory(prefix="fbhook-redis-") as tmp:
         port = free_port()
         args = [
-            server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
-            "--maxmemory-policy", "noeviction", "--dir", tmp,
+            server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--maxmemory-policy",
+            "noeviction",
+            "--dir",
+            tmp,
         ]
-        proc = RedisProcess(port, Path(tmp), subprocess.Popen(
-            args, cwd=tmp, stdout=subprocess.DEVNULL), args)
+        proc = RedisProcess(
+            port, Path(tmp), subprocess.Popen(args, cwd=tmp, stdout=subprocess.DEVNULL), args
+        )
         try:
             wait_ready(port)
             yield proc

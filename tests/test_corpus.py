@@ -14,8 +14,11 @@ from redis.asyncio import Redis
 from shared.attribution import read_record
 from tests.conftest import Post, stream_rows
 
-CORPUS = Path(os.environ.get("FBHOOK_CORPUS", Path(__file__).resolve().parents[2] / "shared"
-                             / "corpus" / "cases"))
+CORPUS = Path(
+    os.environ.get(
+        "FBHOOK_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus" / "cases"
+    )
+)
 CASES = sorted(CORPUS.glob("*.json"))
 
 
@@ -73,6 +76,7 @@ async def test_corpus_case_delivered_twice_has_one_effect(
         await drain()
     unique = {(e["kind"], e["sender"], e["channel"]) for e in case["expect"]["events"]}
     assert len(await stream_rows(redis)) <= len(case["expect"]["events"])
-    assert len({(r["kind"], r["sender"] or None, r["channel"]) for r in await stream_rows(redis)}) \
-        == len(unique)
+    assert len(
+        {(r["kind"], r["sender"] or None, r["channel"]) for r in await stream_rows(redis)}
+    ) == len(unique)
     assert len(await touches_in_redis(redis)) == len(case["expect"]["attribution"])

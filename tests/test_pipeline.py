@@ -1,0 +1,172 @@
+"""Batches, standby, duplicates and ordering, end to end through ingest, Redis and a worker."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from shared.attribution import read_record
+from shared.settings import Settings
+from tests import payloads as p
+from tests.conftest import Post, stream_rows
+
+
+async def _view(redis: Redis, user: str = p.PSID) -> Any:
+    view = read_record(user, await redis.hgetall(f"fb:attr:{user}"))
+    assert view is not None
+    return view
+
+
+async def test_batched_body_with_several_entries_and_items(
+    post: Post, drain: Any, redis: Redis
+) -> None:
+    body = {
+        "object": "page",
+        "entry": [
+            {
+                "id": "P1",
+                "time": 1,
+                "messaging": [
+                    p.text_message(mid="m1"),
+                    p.text_message(mid="m2"),
+                    p.shortlink_referral(sender="u2"),
+                ],
+            },
+            {
+                "id": "P2",
+                "time": 2,
+                "messaging": [p.read_event()],
+                "standby": [p.text_message(mid="m3", sender="u3")],
+            },
+        ],
+    }
+    assert (await post(body)).status == 200
+    await drain()
+    rows = await stream_rows(redis)
+    assert sorted((r["kind"], r["page_id"], r["channel"]) for r in rows) == [
+        ("message", "P1", "messaging"),
+        ("message", "P1", "messaging"),
+        ("message", "P2", "standby"),
+        ("read", "P2", "messaging"),
+        ("referral", "P1", "messaging"),
+    ]
+
+
+async def test_standby_items_keep_their_kind_and_are_marked(
+    post: Post, drain: Any, redis: Redis
+) -> None:
+    body = p.body(p.text_message(), p.shortlink_referral(), channel="standby")
+    assert (await post(body)).status == 200
+    await drain()
+    rows = await stream_rows(redis)
+    assert {(r["kind"], r["channel"]) for r in rows} == {
+        ("message", "standby"),
+        ("referral", "standby"),
+    }
+    assert json.loads(rows[0]["event"])["channel"] == "standby"
+
+
+async def test_same_mid_in_two_requests_gives_one_entry(
+    post: Post, drain: Any, redis: Redis
+) -> None:
+    assert (await post(p.body(p.text_message(mid="dup")))).status == 200
+    assert (await post(p.body(p.text_message(mid="dup"), time=999))).status == 200
+    await drain()
+    assert len(await stream_rows(redis, "message")) == 1
+
+
+async def test_mid_less_event_redelivered_gives_one_entry_and_one_touch(
+    post: Post, drain: Any, redis: Redis
+) -> None:
+    """A retry carries a new entry.time; the item itself is the same, so its key is too."""
+    await post(p.body(p.shortlink_referral(), p.read_event(), time=1000))
+    await drain()
+    await post(p.body(p.shortlink_referral(), p.read_event(), time=2000))
+    await drain()
+    assert len(await stream_rows(redis)) == 2
+    assert (await _view(redis)).touches == 1
+
+
+async def test_different_mid_less_events_are_not_merged(
+    post: Post, drain: Any, redis: Redis
+) -> None:
+    await post(
+        p.body(
+            p.read_event(watermark=1),
+            p.read_event(watermark=2),
+            p.read_event(watermark=2, sender="other"),
+        )
+    )
+    await drain()
+    assert len(await stream_rows(redis, "read")) == 3
+
+
+@pytest.mark.parametrize("separate_drains", [False, True])
+async def test_out_of_order_referrals_first_and_last_by_timestamp(
+    post: Post, drain: Any, redis: Redis, separate_drains: bool
+) -> None:
+    later = p.ad_referral(ts=2_000_000_000_000)
+    earlier = p.shortlink_referral(ref="early", ts=1_000_000_000)  # seconds: 2001-09-09
+    await post(p.body(later))
+    if separate_drains:
+        await drain()
+    await post(p.body(earlier))
+    await drain()
+    view = await _view(redis)
+    assert view.touches == 2
+    assert (view.first["source"], view.first["ref"], view.first["timestamp"]) == (
+        "SHORTLINK",
+        "early",
+        1_000_000_000_000,
+    )
+    assert view.last["source"] == "ADS"
+    assert [t["source"] for t in view.history] == ["ADS", "SHORTLINK"]
+    assert view.vars["_fbRefAdId"] == "6045246247433"
+
+
+async def test_history_is_capped_and_first_touch_survives(
+    post: Post, drain: Any, redis: Redis, settings: Settings
+) -> None:
+    cap = settings.history_cap
+    stamps = [1_600_000_000_000 + i * 1000 for i in range(cap + 5)]
+    order = stamps[3:] + stamps[:3]  # the earliest arrive last, after the history is full
+    for ts in order:
+        await post(p.body(p.shortlink_referral(ref=f"r{ts}", ts=ts)))
+    await drain()
+    view = await _view(redis)
+    assert view.touches == cap + 5
+    assert len(view.history) == cap
+    assert view.first["timestamp"] == stamps[0]
+    assert view.last["timestamp"] == stamps[-1]
+    assert [t["timestamp"] for t in view.history] == sorted(stamps, reverse=True)[:cap]
+
+
+async def test_every_stream_entry_has_the_documented_fields(
+    post: Post, drain: Any, redis: Redis
+) -> None:
+    await post(p.body(p.text_message()))
+    await drain()
+    (row,) = await stream_rows(redis, "message")
+    assert set(row) >= {"id", "kind", "channel", "page_id", "sender", "timestamp", "event"}
+    assert row["timestamp"].isdigit()
+
+
+async def test_streams_are_capped(post: Post, redis: Redis, settings: Settings) -> None:
+    from dataclasses import replace
+
+    from arq.worker import Worker
+
+    from shared import keys
+    from workers.settings import worker_settings
+
+    capped = replace(settings, stream_maxlen=100)
+    for batch in range(6):
+        await post(p.body(*[p.text_message(mid=f"c{batch}-{i}") for i in range(50)]))
+    worker = Worker(**worker_settings(capped), burst=True, handle_signals=False)
+    await worker.main()
+    await worker.close()
+    # MAXLEN ~ trims whole radix-tree nodes (100 entries each), so the length stays near the cap.
+    assert 100 <= await redis.xlen(keys.stream("message")) <= 200
