@@ -102,16 +102,36 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every setting; raise ConfigError naming the first bad variable."""
-        env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for name, (field_name, parse, required) in _SPEC.items():
-            raw = env.get(name)
-            if raw is None or raw == "":
-                if required:
-                    raise ConfigError(f"{name} is required but not set")
-                continue
-            values[field_name] = parse(name, raw)
+        return cls(**_read(os.environ if environ is None else environ))  # type: ignore[arg-type]
+
+    @classmethod
+    def for_tools(
+        cls, environ: Mapping[str, str] | None = None, *, redis_url: str | None = None
+    ) -> Settings:
+        """Settings for a command-line tool that only works on Redis: like `from_env`, but the
+        secrets may be unset (they are then empty) and `redis_url`, when given (`--redis-url`),
+        takes the place of REDIS_URL."""
+        env = dict(os.environ if environ is None else environ)
+        if redis_url is not None:
+            env["REDIS_URL"] = _redis_url("--redis-url", redis_url)
+        values = _read(env, optional=_SECRETS)
+        for name in _SECRETS:
+            field_name = _SPEC[name][0]
+            values.setdefault(field_name, () if field_name == "fb_app_secrets" else "")
         return cls(**values)  # type: ignore[arg-type]
+
+    @staticmethod
+    def problems(environ: Mapping[str, str] | None = None) -> list[str]:
+        """Every problem in the environment, one message per bad variable; empty when
+        `from_env` would succeed. For `fbhook check-config`, which reports them all at once."""
+        env = os.environ if environ is None else environ
+        out: list[str] = []
+        for name in _SPEC:
+            try:
+                _read(env, only=name)
+            except ConfigError as exc:
+                out.append(str(exc))
+        return out
 
     def redacted(self) -> dict[str, object]:
         """The settings with every secret replaced, fit for a log line or `check-config`."""
@@ -119,7 +139,7 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in {"fb_app_secrets", "fb_verify_token", "api_token"}:
-                value = "<set>"
+                value = "<set>" if value else "<unset>"
             elif f.name == "redis_url":
                 value = redact_url(value)
             out[f.name] = value
@@ -160,3 +180,35 @@ _SPEC: dict[str, tuple[str, Callable[[str, str], object], bool]] = {
     "LOG_FORMAT": ("log_format", _choice("auto", "json", "text"), False),
     "LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error"), False),
 }
+
+_SECRETS = frozenset({"FB_APP_SECRET", "FB_VERIFY_TOKEN", "API_TOKEN"})
+
+
+def _read(
+    env: Mapping[str, str], *, optional: frozenset[str] = frozenset(), only: str | None = None
+) -> dict[str, object]:
+    """Parse the variables of `_SPEC` (or just `only`) into Settings field values."""
+    values: dict[str, object] = {}
+    for name, (field_name, parse, required) in _SPEC.items():
+        if only is not None and name != only:
+            continue
+        raw = env.get(name)
+        if raw is None or raw == "":
+            if required and name not in optional:
+                raise ConfigError(f"{name} is required but not set")
+            continue
+        values[field_name] = parse(name, raw)
+    return values
+
+
+def environ_with_defaults(
+    defaults: Mapping[str, str], environ: Mapping[str, str] | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """A copy of the environment in which every variable of `defaults` that is unset or empty
+    takes its default, and the names that did. For `fbhook dev`, which starts its children with
+    local-only defaults."""
+    env = dict(os.environ if environ is None else environ)
+    applied = [name for name in defaults if not env.get(name)]
+    for name in applied:
+        env[name] = defaults[name]
+    return env, applied
