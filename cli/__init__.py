@@ -1,0 +1,1 @@
+"""The `fbhook` command-line tool: run the services, simulate traffic, inspect Redis."""

@@ -1,0 +1,159 @@
+"""`fbhook attribution get|export`: read the per-user referral records `fb:attr:<user>`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import sys
+from collections.abc import AsyncIterator
+from typing import Any, TextIO
+
+import msgspec
+from redis.asyncio import Redis
+
+from cli.common import CommandFailed, add_redis_option, open_redis, tool_settings
+from cli.progress import Progress, wanted
+from shared import keys
+from shared.attribution import AttributionView, read_record
+from shared.redis import hash_fields
+
+TOUCH_COLUMNS = (
+    "timestamp", "via", "source", "type", "ref", "ad_id", "product_id", "referer_uri",
+    "page_id", "ads_context_data",
+)
+CSV_COLUMNS = (
+    "user", "touches",
+    *(f"first_{c}" for c in TOUCH_COLUMNS),
+    *(f"last_{c}" for c in TOUCH_COLUMNS),
+)
+"""One row per user: the first and the last touch side by side (the history is in jsonl)."""
+
+_encode = msgspec.json.Encoder().encode
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "attribution",
+        help="read per-user referral attribution",
+        description="Read the referral attribution records the workers keep per user.",
+    )
+    cmds = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    get = cmds.add_parser(
+        "get",
+        help="one user's record, as JSON",
+        description=(
+            "Print one user's attribution record as JSON: touch count, first and last touch, "
+            "the history (latest first) and the _fbRef* variables. USER is the PSID, or the "
+            "chat plugin's user_ref. Exit status 1 when the user has no record."
+        ),
+    )
+    get.add_argument("user", metavar="USER")
+    add_redis_option(get)
+    get.set_defaults(run=run_get)
+
+    export = cmds.add_parser(
+        "export",
+        help="every user's record, as CSV or JSON lines",
+        description=(
+            "Write every user's attribution record, streaming: SCAN over fb:attr:* and one "
+            "pipelined read per batch, so memory stays flat however many users there are. "
+            "jsonl gives the full record per line (as `attribution get`); csv gives one row per "
+            "user with the first and last touch. A user may appear twice if Redis resizes its "
+            "key space during the export (a property of SCAN)."
+        ),
+    )
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="output format (default: jsonl)")
+    export.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    export.add_argument("--batch", type=int, default=1000, metavar="N",
+                        help="keys per SCAN call and per pipeline (default: %(default)s)")
+    export.add_argument("--progress", action="store_true",
+                        help="show progress on stderr even when it is not a terminal")
+    add_redis_option(export)
+    export.set_defaults(run=run_export)
+
+
+def run_get(args: argparse.Namespace) -> int:
+    view = asyncio.run(_get(args))
+    if view is None:
+        raise CommandFailed(f"no attribution for user {args.user!r}")
+    sys.stdout.write(msgspec.json.format(_encode(view), indent=2).decode() + "\n")
+    return 0
+
+
+async def _get(args: argparse.Namespace) -> AttributionView | None:
+    async with open_redis(tool_settings(args)) as redis:
+        return read_record(args.user, await hash_fields(redis, keys.attribution(args.user)))
+
+
+async def scan_records(redis: Redis, batch: int = 1000) -> AsyncIterator[list[AttributionView]]:
+    """Every attribution record, a batch at a time: one SCAN and one pipeline per batch."""
+    cursor: int = 0
+    while True:
+        cursor, found = await redis.scan(
+            cursor, match=keys.ATTR_PREFIX + "*", count=batch, _type="hash"
+        )
+        if found:
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in found:
+                    pipe.hgetall(key)
+                rows: list[Any] = await pipe.execute()
+            views = []
+            for key, fields in zip(found, rows, strict=True):
+                user = key.decode(errors="replace").removeprefix(keys.ATTR_PREFIX)
+                view = read_record(user, fields) if isinstance(fields, dict) else None
+                if view is not None:  # deleted between SCAN and HGETALL
+                    views.append(view)
+            yield views
+        if cursor == 0:
+            return
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise CommandFailed("--batch must be at least 1")
+    if args.output:
+        with open(args.output, "w", newline="", encoding="utf-8") as out:
+            count = asyncio.run(_export(args, out))
+    else:
+        count = asyncio.run(_export(args, sys.stdout))
+    if args.output:
+        print(f"exported {count} users to {args.output}", file=sys.stderr)
+    return 0
+
+
+async def _export(args: argparse.Namespace, out: TextIO) -> int:
+    progress = Progress(wanted(args.progress))
+    writer = csv.writer(out, lineterminator="\n") if args.format == "csv" else None
+    if writer is not None:
+        writer.writerow(CSV_COLUMNS)
+    count = 0
+
+    def status() -> str:
+        return f"exported {count} users ({progress.rate(count):.0f}/s)"
+
+    async with open_redis(tool_settings(args)) as redis:
+        async for views in scan_records(redis, args.batch):
+            for view in views:
+                if writer is not None:
+                    writer.writerow(csv_row(view))
+                else:
+                    out.write(_encode(view).decode() + "\n")
+            count += len(views)
+            progress.tick(status)
+    out.flush()
+    progress.done(f"exported {count} users in {progress.elapsed():.1f} s")
+    return count
+
+
+def csv_row(view: AttributionView) -> list[Any]:
+    row: list[Any] = [view.user, view.touches]
+    for touch in (view.first, view.last):
+        for column in TOUCH_COLUMNS:
+            value = touch.get(column)
+            if isinstance(value, dict):
+                value = json.dumps(value, ensure_ascii=False, sort_keys=True)
+            row.append("" if value is None else value)
+    return row
