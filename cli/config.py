@@ -8,7 +8,6 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.errors import ConfigError
 from shared.settings import Settings, redact_url
 
 
@@ -30,39 +29,28 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     problems = Settings.problems()
-    settings: Settings | None
-    try:
-        settings = Settings.from_env()
-    except ConfigError:
-        settings = _partial()
-    if settings is not None:
-        print("settings (secrets hidden):")
-        for name, value in settings.redacted().items():
-            print(f"  {name:<20} {value}")
+    settings = Settings.best_effort()
+    print("settings (secrets hidden; defaults in place of bad values):" if problems
+          else "settings (secrets hidden):")
+    for name, value in settings.redacted().items():
+        print(f"  {name:<20} {value}")
     if problems:
         print(f"\n{len(problems)} problem{'s' if len(problems) > 1 else ''} in the environment:")
-        for problem in problems:
+        for problem in problems.values():
             print(f"  - {problem}")
     redis_ok = True
-    if not args.no_redis:
-        if settings is None:
-            print("\nredis: not tried, REDIS_URL is not valid")
-        else:
-            timeout = args.timeout or settings.redis_timeout_s
-            redis_ok = asyncio.run(_check_redis(settings.redis_url, timeout))
+    if args.no_redis:
+        pass
+    elif "REDIS_URL" in problems:
+        print("\nredis: not tried, REDIS_URL is not valid")
+    else:
+        timeout = args.timeout or settings.redis_timeout_s
+        redis_ok = asyncio.run(_check_redis(settings.redis_url, timeout))
     if problems or not redis_ok:
         print("\ncheck-config: FAILED")
         return 1
     print("\ncheck-config: OK")
     return 0
-
-
-def _partial() -> Settings | None:
-    """What can be read when something required is missing, for display; None if more is bad."""
-    try:
-        return Settings.for_tools()
-    except ConfigError:
-        return None
 
 
 async def _check_redis(url: str, timeout_s: float) -> bool:

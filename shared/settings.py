@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -114,23 +115,30 @@ class Settings:
         env = dict(os.environ if environ is None else environ)
         if redis_url is not None:
             env["REDIS_URL"] = _redis_url("--redis-url", redis_url)
-        values = _read(env, optional=_SECRETS)
-        for name in _SECRETS:
-            field_name = _SPEC[name][0]
-            values.setdefault(field_name, () if field_name == "fb_app_secrets" else "")
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**_no_secrets(_read(env, optional=_SECRETS)))  # type: ignore[arg-type]
+
+    @classmethod
+    def best_effort(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Every valid variable's value, the default for the others (secrets empty when unset
+        or invalid): what would be in force, for display next to `problems`, never to run."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name in _SPEC:
+            with contextlib.suppress(ConfigError):
+                values.update(_read(env, optional=_SECRETS, only=name))
+        return cls(**_no_secrets(values))  # type: ignore[arg-type]
 
     @staticmethod
-    def problems(environ: Mapping[str, str] | None = None) -> list[str]:
-        """Every problem in the environment, one message per bad variable; empty when
-        `from_env` would succeed. For `fbhook check-config`, which reports them all at once."""
+    def problems(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Every bad variable and what is wrong with it; empty when `from_env` would succeed.
+        For `fbhook check-config`, which reports them all at once."""
         env = os.environ if environ is None else environ
-        out: list[str] = []
+        out: dict[str, str] = {}
         for name in _SPEC:
             try:
                 _read(env, only=name)
             except ConfigError as exc:
-                out.append(str(exc))
+                out[name] = str(exc)
         return out
 
     def redacted(self) -> dict[str, object]:
@@ -198,6 +206,14 @@ def _read(
                 raise ConfigError(f"{name} is required but not set")
             continue
         values[field_name] = parse(name, raw)
+    return values
+
+
+def _no_secrets(values: dict[str, object]) -> dict[str, object]:
+    """Empty values for the secrets that `values` lacks."""
+    values.setdefault("fb_app_secrets", ())
+    values.setdefault("fb_verify_token", "")
+    values.setdefault("api_token", "")
     return values
 
 
