@@ -14,11 +14,13 @@ from redis.asyncio import Redis
 
 from ingest.envelope import parse
 from ingest.queue import Enqueuer
+from ingest.report_page import CSP, render
 from ingest.signature import SignatureVerifier
 from shared import keys
 from shared.attribution import read_record
 from shared.errors import BadRequest, QueueUnavailable
 from shared.redis import connect, hash_fields
+from shared.report import DEFAULT_LIMIT, ReportRangeError, build_report, encode_report, parse_range
 from shared.settings import Settings
 
 log = logging.getLogger("fbhook.ingest")
@@ -119,6 +121,59 @@ async def attribution(request: web.Request) -> web.Response:
     return web.Response(body=msgspec.json.encode(view), content_type="application/json")
 
 
+def report_token_ok(request: web.Request, expected: bytes) -> tuple[bool, str | None]:
+    """The bearer header, or for a browser `?token=` (both in constant time); the second value is
+    the query token when that is what matched, for the page's links."""
+    if bearer_ok(request, expected):
+        return True, None
+    token = request.query.get("token")
+    if token is not None and hmac.compare_digest(token.encode(), expected):
+        return True, token
+    return False, None
+
+
+_PAGE_HEADERS = {
+    "Content-Security-Policy": CSP, "Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+async def report(request: web.Request) -> web.Response:
+    """The attribution report for `from`..`to` (default: the last 30 days): an HTML page, or JSON
+    at `/report.json` and with `?format=json`."""
+    state = request.app[STATE]
+    query = request.query
+    as_json = request.path.endswith(".json") or query.get("format") == "json"
+    ok, query_token = report_token_ok(request, state.api_token)
+    if not ok:
+        if as_json:
+            return web.json_response({"error": "missing or invalid bearer token"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        return web.Response(status=401, headers={"WWW-Authenticate": "Bearer", **_PAGE_HEADERS},
+                            text="Unauthorized: open /report?token=<API_TOKEN> or send "
+                                 "Authorization: Bearer <API_TOKEN>.\n")
+    try:
+        first, last = parse_range(query.get("from"), query.get("to"))
+        limit = int(query.get("limit", DEFAULT_LIMIT))
+        if not 0 <= limit <= 10_000:
+            raise ValueError
+    except ReportRangeError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except ValueError:
+        return web.json_response({"error": "limit must be a whole number, 0 to 10000"},
+                                 status=400)
+    try:
+        result = await build_report(state.redis, first, last, limit)
+    except Exception:  # noqa: BLE001
+        return web.json_response({"error": "redis unavailable"}, status=503)
+    if as_json:
+        return web.Response(body=encode_report(result), content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
+    given_limit = limit if "limit" in query else None
+    return web.Response(text=render(result, query_token, given_limit), content_type="text/html",
+                        headers=_PAGE_HEADERS)
+
+
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = connect(settings)
@@ -144,4 +199,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/attribution/{user_id}", attribution)
+    app.router.add_get("/report", report)
+    app.router.add_get("/report.json", report)
     return app

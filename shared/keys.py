@@ -20,6 +20,13 @@ DEAD_LETTERS = "fb:dead"
 ARQ_JOB_PREFIX = "arq:job:"
 """arq's job key prefix (arq.constants.job_key_prefix): ingest writes arq jobs directly."""
 
+REPORT_PREFIX = "fb:report:"
+"""`fb:report:<YYYY-MM-DD>`: a hash of the day's touch counts, `new|source|ADS` -> 3 and so on,
+the day taken from the touch's timestamp in UTC (see workers/effects.lua and shared/report.py)."""
+
+REPORT_ADS = "fb:report:ads"
+"""A hash of ad id -> ad title, from the `ads_context_data` of ad touches."""
+
 
 def stream(kind: str) -> str:
     return STREAM_PREFIX + kind
@@ -31,3 +38,8 @@ def attribution(user: str) -> str:
 
 def seen(event_id: str) -> str:
     return SEEN_PREFIX + event_id
+
+
+def report_day(day: str) -> str:
+    """The report hash of one UTC day, `day` written YYYY-MM-DD."""
+    return REPORT_PREFIX + day

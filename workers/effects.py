@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.attribution import encode_touch, touch_dict
 from shared.events import Event
+from shared.report import RETENTION_DAYS, day_of
 from shared.settings import Settings
 from workers.touches import touch_of
 
@@ -27,7 +28,7 @@ class Effects:
         self._script = redis.register_script(EFFECTS_LUA)
         self._header = (
             settings.dedupe_ttl_s, settings.stream_maxlen, settings.history_cap,
-            keys.REFERRALS_STREAM,
+            keys.REFERRALS_STREAM, keys.REPORT_ADS, RETENTION_DAYS * 86400,
         )
 
     async def write(self, events: list[Event]) -> list[int]:
@@ -43,8 +44,9 @@ class Effects:
                 event.channel, event.page_id or "", sender, event.timestamp, _json(event),
             )
             if touch is None:
-                args += ("", "", "")
+                args += ("", "", "", "")
             else:
-                args += (keys.attribution(sender), encode_touch(touch), _json(touch_dict(touch)))
+                args += (keys.attribution(sender), encode_touch(touch), _json(touch_dict(touch)),
+                         keys.report_day(day_of(touch.timestamp)))
         codes = await self._script(args=args)
         return [int(c) for c in codes]
