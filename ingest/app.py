@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -10,9 +12,13 @@ from dataclasses import dataclass
 
 import msgspec
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
+from ingest import metrics
 from ingest.envelope import parse
+from ingest.metrics import WebhookClock
+from ingest.observe import Outcome, request_fields, watchdog
 from ingest.queue import Enqueuer
 from ingest.report_page import CSP, render
 from ingest.signature import SignatureVerifier
@@ -37,10 +43,12 @@ class State:
     enqueuer: Enqueuer
     verify_token: bytes
     api_token: bytes
+    clock: WebhookClock
 
 
 SETTINGS = web.AppKey("settings", Settings)
 STATE = web.AppKey("state", State)
+CLOCK = web.AppKey("clock", WebhookClock)
 
 
 def _text(status: int, reason: str) -> web.Response:
@@ -59,28 +67,59 @@ async def handshake(request: web.Request) -> web.Response:
 
 
 async def receive(request: web.Request) -> web.Response:
-    """Verify, decode, queue every event in one round trip, then acknowledge."""
+    """Verify, decode, queue every event in one round trip, then acknowledge.
+
+    Counts the request in a few prebuilt metric children and logs one line: at debug level when
+    it was acknowledged, at info when refused, at warning when the queue was unavailable."""
     state = request.app[STATE]
+    started = time.perf_counter()
+    outcome = await _receive(request, state)
+    status = outcome.response.status
+    metrics.count_request(status)
+    if outcome.reason is None:
+        for event in outcome.events:
+            metrics.count_event(event.kind, event.channel)
+    else:
+        metrics.REJECTED[outcome.reason].inc()
+    level = logging.DEBUG if status < 300 else logging.WARNING if status >= 500 else logging.INFO
+    if log.isEnabledFor(level):
+        fields = request_fields(outcome, time.perf_counter() - started)
+        log.log(level, "webhook %d %s", status, fields["outcome"], extra=fields)
+    return outcome.response
+
+
+async def _receive(request: web.Request, state: State) -> Outcome:
     content_type = request.content_type
     if request.headers.get("Content-Type") and content_type not in _JSON_TYPES:
-        return _text(415, "content type must be application/json")
+        return Outcome(_text(415, "content type must be application/json"), "content_type")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return _text(413, f"body over {state.settings.max_body_bytes} bytes")
+        return Outcome(_text(413, f"body over {state.settings.max_body_bytes} bytes"),
+                       "too_large")
     if not state.verifier.verify(request.headers.get("X-Hub-Signature-256"), body):
-        return _text(403, "invalid or missing X-Hub-Signature-256")
+        return Outcome(_text(403, "invalid or missing X-Hub-Signature-256"), "bad_signature",
+                       size=len(body))
+    state.clock.last = time.time()
     try:
-        events = parse(body, int(time.time() * 1000))
+        events = parse(body, int(state.clock.last * 1000))
     except BadRequest as exc:
-        return _text(400, str(exc))
+        return Outcome(_text(400, str(exc)), "bad_request", size=len(body))
+    queue_s = 0.0
     if events:
+        queued = time.perf_counter()
         try:
             await state.enqueuer.put(events)
         except QueueUnavailable as exc:
-            log.warning("webhook not queued: %s", exc)
-            return _text(503, "queue unavailable, retry later")
-    return web.Response(text=EVENT_RECEIVED)
+            return Outcome(_text(503, "queue unavailable, retry later"), "queue_unavailable",
+                           events, len(body), time.perf_counter() - queued, str(exc))
+        queue_s = time.perf_counter() - queued
+    return Outcome(web.Response(text=EVENT_RECEIVED), None, events, len(body), queue_s)
+
+
+async def metrics_endpoint(_: web.Request) -> web.Response:
+    """Prometheus metrics of this process only (each ingest process has its own)."""
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -184,21 +223,37 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         enqueuer=Enqueuer(redis, settings),
         verify_token=settings.fb_verify_token.encode(),
         api_token=settings.api_token.encode(),
+        clock=app[CLOCK],
     )
     yield
     await redis.aclose()
+
+
+async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Warn when no webhook arrived for WATCHDOG_SECONDS (0: off)."""
+    clock, limit = app[CLOCK], app[SETTINGS].watchdog_s
+    clock.bind()
+    task = asyncio.create_task(watchdog(clock, limit)) if limit > 0 else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the ingest application; Redis is opened on start-up and closed on clean-up."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[CLOCK] = WebhookClock()
     app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_watchdog_ctx)
     app.router.add_get("/webhook", handshake)
     app.router.add_post("/webhook", receive)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/attribution/{user_id}", attribution)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/report", report)
     app.router.add_get("/report.json", report)
     return app

@@ -39,11 +39,14 @@ class _Envelope(msgspec.Struct):
 
 
 class Routed(NamedTuple):
-    """One event ready for the queue: its dedupe id, its kind (the job function) and its bytes."""
+    """One event ready for the queue: its dedupe id, its kind (the job function) and its bytes
+    (the first three go to Redis), then where it was, for metrics and the request's log line."""
 
     id: str
     kind: str
     blob: bytes
+    channel: str = "messaging"
+    page: str | None = None
 
 
 _fast_decoder = msgspec.json.Decoder(_Envelope)
@@ -119,7 +122,8 @@ def _parse_lenient(body: bytes, received_ms: int) -> list[Routed]:
 def _route(raw: msgspec.Raw, item: Any, channel: str, page: str | None, now: int) -> Routed:
     kind = classify(item) if channel != "entry" else UNKNOWN
     event_id = dedupe_id(kind, item, page)
-    return Routed(event_id, kind, encode_event(QueuedEvent(event_id, channel, page, now, raw)))
+    blob = encode_event(QueuedEvent(event_id, channel, page, now, raw))
+    return Routed(event_id, kind, blob, channel, page)
 
 
 def dedupe_id(kind: str, item: Any, page: str | None) -> str:

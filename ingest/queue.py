@@ -15,6 +15,7 @@ from importlib import resources
 
 from redis.asyncio import Redis
 
+from ingest import metrics
 from ingest.envelope import Routed
 from shared import keys
 from shared.codec import JOB_TTL_MS
@@ -45,7 +46,7 @@ class Enqueuer:
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         args = self._args
         for event in events:
-            args += event
+            args += event[:3]  # id, kind, blob: one triple per event for enqueue.lua
         self._waiters.append(waiter)
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
@@ -61,15 +62,23 @@ class Enqueuer:
                 args, waiters = self._args, self._waiters
                 self._args, self._waiters = [], []
                 self.last_batch_size = len(waiters)
+                started = time.perf_counter()
                 try:
                     new = await self._script(args=[*self._header, *self._batch_header(), *args])
                 except Exception as exc:  # noqa: BLE001 - any Redis failure means "not queued"
+                    metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
+                    metrics.ENQUEUE_FAILURES.inc()
                     error = QueueUnavailable(f"Redis refused the events: {type(exc).__name__}")
                     for w in waiters:
                         if not w.done():
                             w.set_exception(error)
                             w.exception()  # mark retrieved: a timed-out request never reads it
                 else:
+                    metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
+                    metrics.ENQUEUE_BATCH.observe(len(waiters))
+                    duplicates = len(args) // 3 - int(new)
+                    if duplicates:
+                        metrics.DUPLICATES.inc(duplicates)
                     for w in waiters:
                         if not w.done():
                             w.set_result(int(new))

@@ -43,3 +43,9 @@ def seen(event_id: str) -> str:
 def report_day(day: str) -> str:
     """The report hash of one UTC day, `day` written YYYY-MM-DD."""
     return REPORT_PREFIX + day
+
+
+def health_check(queue: str, host: str) -> str:
+    """`<queue>:health-check:<host>`: written by the worker on `host` every few seconds (arq's
+    health check, one key per worker host so that each container can be checked on its own)."""
+    return f"{queue}:health-check:{host}"

@@ -1,21 +1,71 @@
-"""`python -m workers`: run one worker; start as many as you like against one Redis."""
+"""`python -m workers`: run one worker; start as many as you like against one Redis.
+
+`python -m workers --check` exits 0 when the worker on this host wrote its health-check key in
+the last few seconds, 1 otherwise: the container's health check.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
 import sys
+from wsgiref.simple_server import WSGIServer
 
 from shared.errors import ConfigError
 from shared.logs import setup_logging
+from shared.redis import connect
 from shared.settings import Settings
 
+log = logging.getLogger("fbhook.worker")
 
-def main() -> int:
+
+async def check(settings: Settings) -> int:
+    """0 when this host's worker is alive (its health-check key exists), else 1."""
+    from workers.settings import health_check_key
+
+    key = health_check_key(settings)
+    redis = connect(settings)
+    try:
+        value = await redis.get(key)
+    except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+        print(f"unhealthy: redis: {type(exc).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+    if value is None:
+        print(f"unhealthy: no {key} (the worker has not reported in the last seconds)",
+              file=sys.stderr)
+        return 1
+    print(f"healthy: {value.decode(errors='replace')}")
+    return 0
+
+
+def serve_metrics(settings: Settings) -> WSGIServer | None:
+    """Prometheus metrics on WORKER_METRICS_PORT (a daemon thread), unless it is 0."""
+    if not settings.worker_metrics_port:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(
+        settings.worker_metrics_port, addr="0.0.0.0",  # noqa: S104 - one port per container
+    )
+    log.info("metrics on port %d", settings.worker_metrics_port)
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
+    parser.add_argument("--check", action="store_true",
+                        help="exit 0 if this host's worker is alive, 1 if not")
+    args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        return asyncio.run(check(settings))
     setup_logging(settings)
     try:
         import uvloop
@@ -28,6 +78,7 @@ def main() -> int:
     import workers.handlers  # noqa: F401 - registers the project's own handlers
     from workers.settings import worker_settings
 
+    serve_metrics(settings)
     Worker(**worker_settings(settings)).run()
     return 0
 

@@ -12,6 +12,7 @@ from shared.attribution import encode_touch, touch_dict
 from shared.events import Event
 from shared.report import RETENTION_DAYS, day_of
 from shared.settings import Settings
+from workers import metrics
 from workers.touches import touch_of
 
 EFFECTS_LUA = resources.files("workers").joinpath("effects.lua").read_text()
@@ -36,6 +37,7 @@ class Effects:
         if not events:
             return []
         args: list[str | int | bytes] = list(self._header)
+        sources: list[str | None] = []
         for event in events:
             touch = touch_of(event)
             sender = event.sender or ""
@@ -45,8 +47,13 @@ class Effects:
             )
             if touch is None:
                 args += ("", "", "", "")
+                sources.append(None)
             else:
                 args += (keys.attribution(sender), encode_touch(touch), _json(touch_dict(touch)),
                          keys.report_day(day_of(touch.timestamp)))
-        codes = await self._script(args=args)
-        return [int(c) for c in codes]
+                sources.append(touch.source)
+        codes = [int(c) for c in await self._script(args=args)]
+        for code, source in zip(codes, sources, strict=True):
+            if code >= NEW_USER:
+                metrics.count_touch(source, code == RETURNING_USER)
+        return codes

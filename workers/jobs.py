@@ -23,9 +23,9 @@ from shared.codec import DecodedEvent, decode_event
 from shared.events import Event
 from shared.kinds import UNKNOWN, event_key
 from shared.settings import Settings
-from workers import registry
+from workers import metrics, registry
 from workers.deadletters import bury
-from workers.effects import Effects
+from workers.effects import NEW_USER, RETURNING_USER, SKIPPED, Effects
 from workers.normalize import normalize
 
 log = logging.getLogger("fbhook.worker")
@@ -68,6 +68,40 @@ async def run_batch(ctx: dict[str, Any], kind: str, blobs: list[str]) -> int:
     redis = ctx["redis"]
     started = time.perf_counter()
     job_try = int(ctx.get("job_try", 1))
+    events, payloads, failures = _decode(kind, blobs)
+    codes: list[int] = []
+    outcome, error = "error", ""
+    try:
+        done = await _run_handlers(ctx, redis, events, failures)
+        codes = await runtime.effects.write(done)
+        if failures:
+            error = next(iter(failures.values())).partition(":")[0]
+            if job_try < runtime.settings.job_max_tries:
+                raise Retry(defer=backoff_s(job_try))
+            for event_id, failure in failures.items():
+                await bury(redis, kind, event_id, payloads[event_id], failure, job_try,
+                           runtime.settings.dedupe_ttl_s)
+            metrics.DEAD.labels(kind).inc(len(failures))
+        outcome = "dead_letter" if failures else "ok"
+    except Retry:
+        outcome = "retry"
+        raise
+    except RedisError as exc:
+        outcome, error = "retry", type(exc).__name__
+        raise Retry(defer=backoff_s(job_try)) from exc
+    except BaseException as exc:
+        error = type(exc).__name__
+        raise
+    finally:
+        _record(ctx, kind, blobs, events, codes, len(failures), outcome, error,
+                time.perf_counter() - started)
+    written = len(codes) - codes.count(SKIPPED)
+    runtime.processed[kind] = runtime.processed.get(kind, 0) + written
+    return written
+
+
+def _decode(kind: str, blobs: list[str]) -> tuple[list[Event], dict[str, str], dict[str, str]]:
+    """The job's events, the payload of each by id, and the blobs that did not decode."""
     events: list[Event] = []
     payloads: dict[str, str] = {}
     failures: dict[str, str] = {}
@@ -81,24 +115,37 @@ async def run_batch(ctx: dict[str, Any], kind: str, blobs: list[str]) -> int:
         event = normalize(_kind_for(kind, queued), queued)
         events.append(event)
         payloads[event.id] = blob
-    try:
-        done = await _run_handlers(ctx, redis, events, failures)
-        codes = await runtime.effects.write(done)
-        if failures:
-            if job_try < runtime.settings.job_max_tries:
-                raise Retry(defer=backoff_s(job_try))
-            for event_id, error in failures.items():
-                await bury(redis, kind, event_id, payloads[event_id], error, job_try,
-                           runtime.settings.dedupe_ttl_s)
-            log.error("dead-lettered %d %s events after %d tries", len(failures), kind, job_try)
-    except RedisError as exc:
-        log.warning("redis error in %s job (try %d): %s", kind, job_try, type(exc).__name__)
-        raise Retry(defer=backoff_s(job_try)) from exc
-    written = sum(1 for c in codes if c)
-    runtime.processed[kind] = runtime.processed.get(kind, 0) + written
-    log.debug("job done", extra={"kind": kind, "events": len(blobs), "written": written,
-                                 "ms": round((time.perf_counter() - started) * 1000, 2)})
-    return written
+    return events, payloads, failures
+
+
+_LEVELS = {"ok": logging.DEBUG, "retry": logging.WARNING}
+
+
+def _record(ctx: dict[str, Any], kind: str, blobs: list[str], events: list[Event],
+            codes: list[int], failed: int, outcome: str, error: str, seconds: float) -> None:
+    """The job's metrics and its one log line (debug when all went well)."""
+    written = len(codes) - codes.count(SKIPPED)
+    skipped = len(codes) - written
+    if kind in metrics.JOB_SECONDS_BY_KIND:
+        metrics.JOB_SECONDS_BY_KIND[kind].observe(seconds)
+        metrics.PROCESSED_BY_KIND[kind].inc(written)
+        if skipped:
+            metrics.ALREADY_DONE_BY_KIND[kind].inc(skipped)
+        metrics.JOBS_BY_OUTCOME[kind, outcome].inc()
+    level = _LEVELS.get(outcome, logging.ERROR)
+    if not log.isEnabledFor(level):
+        return
+    fields: dict[str, Any] = {
+        "kind": kind, "job_id": ctx.get("job_id"), "try": ctx.get("job_try", 1),
+        "events": len(blobs), "written": written, "already_done": skipped, "failed": failed,
+        "new_users": codes.count(NEW_USER), "returning_users": codes.count(RETURNING_USER),
+        "outcome": outcome, "ms": round(seconds * 1000, 2),
+    }
+    if len(events) == 1:
+        fields["page"], fields["user"] = events[0].page_id, events[0].sender
+    if error:
+        fields["error"] = error
+    log.log(level, "job %s", outcome, extra=fields)
 
 
 async def _run_handlers(ctx: dict[str, Any], redis: Any, events: list[Event],

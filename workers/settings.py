@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from typing import Any, cast
 
 from arq.connections import RedisSettings
 from arq.worker import func
 
+from shared import keys
 from shared.codec import job_deserializer, job_serializer
 from shared.kinds import KINDS
 from shared.settings import Settings
+from workers import metrics
 from workers.effects import Effects
 from workers.jobs import Runtime, make_job
 
 CRASH_TRIES = 1000
 """arq gives up on a job after this many starts; handler failures are dead-lettered long before
 (`JOB_MAX_TRIES`), so only Redis outages and crashes use up the rest."""
+
+
+HEALTH_CHECK_INTERVAL_S = 10
+"""arq rewrites the worker's health-check key this often; the key lives one second longer."""
+
+
+def health_check_key(settings: Settings) -> str:
+    """This worker's health-check key: one per host, so each container is checked on its own."""
+    return keys.health_check(settings.queue_name, socket.gethostname())
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
@@ -30,6 +43,11 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
 
     async def startup(ctx: dict[str, Any]) -> None:
         ctx["fbhook"] = Runtime(settings=settings, effects=Effects(ctx["redis"], settings))
+        ctx["fbhook_gauges"] = asyncio.create_task(
+            metrics.refresh_forever(ctx["redis"], settings.queue_name))
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        await metrics.stop(ctx.pop("fbhook_gauges", None))
 
     return {
         "functions": [
@@ -45,7 +63,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "job_timeout": settings.job_timeout_s,
         "max_tries": CRASH_TRIES,
         "on_startup": startup,
-        "health_check_interval": 10,
-        "health_check_key": f"{settings.queue_name}:health-check",
+        "on_shutdown": shutdown,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "health_check_key": health_check_key(settings),
         "job_completion_wait": settings.job_timeout_s,
     }

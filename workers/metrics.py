@@ -1,0 +1,116 @@
+"""The worker's Prometheus metrics, label children bound once at import, and the queue gauges.
+
+Jobs only increment prebuilt children. Queue depth and the dead-letter count are read from Redis
+every few seconds by one background task per worker, never per job. Each worker serves its own
+metrics on WORKER_METRICS_PORT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import keys
+from shared.kinds import KINDS
+
+log = logging.getLogger("fbhook.worker")
+
+OUTCOMES: Final = ("ok", "retry", "dead_letter", "error")
+"""A job's outcome: all done, retried later (a handler or Redis failed), done with some events
+dead-lettered, or stopped by anything else (a timeout, a shutdown)."""
+
+SOURCES: Final = (
+    "ADS", "SHORTLINK", "MESSENGER_CODE", "DISCOVER_TAB", "CUSTOMER_CHAT_PLUGIN", "none", "other",
+)
+"""The `source` label of touch metrics: Facebook's known sources, `none` for a referral with no
+source, `other` for anything else (the label set stays bounded whatever arrives)."""
+
+REFRESH_SECONDS: Final = 5.0
+
+JOB_SECONDS = Histogram(
+    "fbhook_job_duration_seconds", "Time to run one job (a batch of events of one kind).",
+    ["kind"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+JOBS = Counter("fbhook_jobs", "Jobs run, by kind and outcome.", ["kind", "outcome"])
+PROCESSED = Counter(
+    "fbhook_events_processed",
+    "Events written to their stream (and attribution) by a job, by kind.", ["kind"],
+)
+ALREADY_DONE = Counter(
+    "fbhook_events_already_done",
+    "Events a job skipped because an earlier run had written them, by kind.", ["kind"],
+)
+DEAD = Counter(
+    "fbhook_dead_letters", "Events this worker dead-lettered into fb:dead, by kind.", ["kind"],
+)
+TOUCHES = Counter(
+    "fbhook_attribution_touches",
+    "Referral touches stored, by source and whether the user was new or returning.",
+    ["source", "user"],
+)
+QUEUE_DEPTH = Gauge("fbhook_queue_depth", "Jobs in the arq queue (waiting or running).")
+QUEUE_AGE = Gauge(
+    "fbhook_queue_oldest_job_age_seconds",
+    "How long the oldest job in the queue has been due (0 when the queue is empty).",
+)
+DEAD_STORED = Gauge("fbhook_dead_letters_stored", "Entries in the dead-letter stream fb:dead.")
+
+JOB_SECONDS_BY_KIND: Final = {kind: JOB_SECONDS.labels(kind) for kind in KINDS}
+JOBS_BY_OUTCOME: Final = {(k, o): JOBS.labels(k, o) for k in KINDS for o in OUTCOMES}
+PROCESSED_BY_KIND: Final = {kind: PROCESSED.labels(kind) for kind in KINDS}
+ALREADY_DONE_BY_KIND: Final = {kind: ALREADY_DONE.labels(kind) for kind in KINDS}
+TOUCHES_BY_SOURCE: Final = {
+    (source, returning): TOUCHES.labels(source, "returning" if returning else "new")
+    for source in SOURCES for returning in (False, True)
+}
+
+
+_KNOWN_SOURCES: Final = frozenset(SOURCES) - {"none", "other"}
+
+
+def source_label(source: str | None) -> str:
+    if source is None:
+        return "none"
+    return source if source in _KNOWN_SOURCES else "other"
+
+
+def count_touch(source: str | None, returning: bool) -> None:
+    TOUCHES_BY_SOURCE[source_label(source), returning].inc()
+
+
+async def refresh(redis: Redis, queue: str) -> None:
+    """Read the queue depth, the oldest due job and the dead-letter count in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(queue)
+        pipe.zrange(queue, 0, 0, withscores=True)
+        pipe.xlen(keys.DEAD_LETTERS)
+        depth, oldest, dead = await pipe.execute()
+    QUEUE_DEPTH.set(depth)
+    due_ms = oldest[0][1] if oldest else None
+    QUEUE_AGE.set(max(0.0, time.time() - due_ms / 1000) if due_ms is not None else 0.0)
+    DEAD_STORED.set(dead)
+
+
+async def refresh_forever(redis: Redis, queue: str, every_s: float = REFRESH_SECONDS) -> None:
+    """The worker's background task: refresh the queue gauges until cancelled."""
+    while True:
+        try:
+            await refresh(redis, queue)
+        except (RedisError, OSError) as exc:
+            log.debug("queue gauges not refreshed: %s", type(exc).__name__)
+        await asyncio.sleep(every_s)
+
+
+async def stop(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
