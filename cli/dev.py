@@ -152,6 +152,7 @@ def _check_port_free(settings: Settings) -> None:
     host = settings.ingest_host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
         try:
             sock.bind((host, settings.ingest_port))
         except OSError as exc:

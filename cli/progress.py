@@ -22,7 +22,10 @@ class Progress:
         self.enabled = enabled
         self.started = time.monotonic()
         self._stream = stream or sys.stderr
-        self._interval_s = interval_s
+        # On a terminal the line is redrawn in place; elsewhere (a log file) each update is a
+        # line of its own, so they come less often.
+        self._tty = self._stream.isatty()
+        self._interval_s = interval_s if self._tty else max(interval_s, 2.0)
         self._next = self.started
         self._width = 0
 
@@ -52,6 +55,10 @@ class Progress:
             self._width = 0
 
     def _draw(self, line: str) -> None:
+        if not self._tty:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+            return
         pad = max(self._width - len(line), 0)
         self._stream.write("\r" + line + " " * pad)
         self._stream.flush()

@@ -284,6 +284,46 @@ async def test_simulate_reports_bad_signatures_and_unreachable_endpoints(client:
     assert "cannot reach" in down.err and "fbhook dev" in down.err
 
 
+# --- serve and worker ----------------------------------------------------------------------
+
+
+async def test_worker_burst_processes_the_queue_and_exits(
+    post: Any, redis: Redis, redis_proc: RedisProcess
+) -> None:
+    for event in expected(6):
+        assert (await post(payloads.envelope([event.item]))).status == 200
+    assert await redis.zcard("fb:queue") > 0
+    done = await fbhook("worker", "--burst", env=full_env(redis_proc.url, LOG_LEVEL="warning"))
+    assert done.code == 0, done
+    assert await redis.zcard("fb:queue") == 0
+    assert len(await stream_rows(redis)) == 6
+
+
+def test_serve_answers_until_sigterm(redis_proc: RedisProcess, tmp_path: Path) -> None:
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([*CLI, "serve"], cwd=ROOT, stdout=log, stderr=log,
+                            env=full_env(redis_proc.url, INGEST_HOST="127.0.0.1",
+                                         INGEST_PORT=str(port)))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert http_get(f"http://127.0.0.1:{port}/readyz") == (200, {"status": "ready"})
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    (tmp_path / "serve.log").read_text()
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
 # --- events ----------------------------------------------------------------------------------
 
 
