@@ -13,7 +13,13 @@ from typing import Any, TextIO
 import msgspec
 from redis.asyncio import Redis
 
-from cli.common import CommandFailed, add_redis_option, open_redis, tool_settings
+from cli.common import (
+    CommandFailed,
+    add_redis_option,
+    open_redis,
+    positive_int,
+    tool_settings,
+)
 from cli.progress import Progress, wanted
 from shared import keys
 from shared.attribution import AttributionView, read_record
@@ -67,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
                         help="output format (default: jsonl)")
     export.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
-    export.add_argument("--batch", type=int, default=1000, metavar="N",
+    export.add_argument("--batch", type=positive_int, default=1000, metavar="N",
                         help="keys per SCAN call and per pipeline (default: %(default)s)")
     export.add_argument("--progress", action="store_true",
                         help="show progress on stderr even when it is not a terminal")
@@ -112,8 +118,6 @@ async def scan_records(redis: Redis, batch: int = 1000) -> AsyncIterator[list[At
 
 
 def run_export(args: argparse.Namespace) -> int:
-    if args.batch < 1:
-        raise CommandFailed("--batch must be at least 1")
     if args.output:
         with open(args.output, "w", newline="", encoding="utf-8") as out:
             count = asyncio.run(_export(args, out))

@@ -8,7 +8,13 @@ import json
 import time
 from dataclasses import asdict
 
-from cli.common import CommandFailed, add_redis_option, open_redis, tool_settings
+from cli.common import (
+    CommandFailed,
+    add_redis_option,
+    open_redis,
+    positive_int,
+    tool_settings,
+)
 from workers import deadletters
 
 
@@ -28,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Show dead letters, oldest first: entry id, kind, event id, tries, "
         "when it failed and the error.",
     )
-    listing.add_argument("--count", type=int, default=100, metavar="N",
+    listing.add_argument("--count", type=positive_int, default=100, metavar="N",
                          help="show at most N (default: %(default)s)")
     listing.add_argument("--json", action="store_true",
                          help="one JSON object per line, payload included")

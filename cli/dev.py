@@ -15,7 +15,7 @@ from types import FrameType
 
 import redis as redis_sync
 
-from cli.common import CommandFailed
+from cli.common import CommandFailed, positive_int
 from cli.embedded import embedded_redis
 from cli.procs import Children
 from shared.settings import Settings, environ_with_defaults, redact_url
@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--port", type=int, metavar="PORT",
                    help="ingest port (default: INGEST_PORT, else 8080)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="worker processes to run (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="keep Redis data in DIR across runs, e.g. ./.fbhook-dev (default: a "
@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
         children = Children()
         stack.callback(children.stop, hurry=stop.hurry)
         children.start("ingest", [sys.executable, "-m", "ingest"], env)
-        for n in range(max(args.workers, 1)):
+        for n in range(args.workers):
             children.start(f"worker {n + 1}", [sys.executable, "-m", "workers"], env)
         base = _base_url(settings)
         _wait_ready(base, children, stop, args.start_timeout)

@@ -10,7 +10,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from cli.common import CommandFailed, add_redis_option, tool_settings
+from cli.common import add_redis_option, positive_int, tool_settings
 from shared import keys
 from shared.kinds import KINDS
 from shared.settings import Settings
@@ -37,8 +37,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     tail.add_argument("kinds", nargs="+", metavar="KIND")
     tail.add_argument("--from-start", action="store_true",
                       help="print the entries already in the stream first (default: only new)")
-    tail.add_argument("--count", type=int, metavar="N", help="stop after N entries")
-    tail.add_argument("--block", type=int, default=5000, metavar="MS",
+    tail.add_argument("--count", type=positive_int, metavar="N", help="stop after N entries")
+    tail.add_argument("--block", type=positive_int, default=5000, metavar="MS",
                       help="longest wait per XREAD call (default: %(default)s)")
     add_redis_option(tail)
     tail.set_defaults(run=run_tail)
@@ -52,10 +52,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run_tail(args: argparse.Namespace) -> int:
-    if args.count is not None and args.count < 1:
-        raise CommandFailed("--count must be at least 1")
-    if args.block < 1:
-        raise CommandFailed("--block must be at least 1 ms")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(tail(tool_settings(args), args.kinds, from_start=args.from_start,
                          count=args.count, block_ms=args.block))

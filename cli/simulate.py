@@ -16,7 +16,7 @@ from itertools import islice
 import aiohttp
 
 from cli import payloads
-from cli.common import CommandFailed
+from cli.common import CommandFailed, positive_int
 from cli.dev import DEV_DEFAULTS
 from cli.progress import Progress, wanted
 from shared.settings import Settings
@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="App Secret to sign with (default: the first of FB_APP_SECRET, else the "
         "local `fbhook dev` secret)",
     )
-    p.add_argument("--users", type=_positive, default=len(payloads.SCENARIOS), metavar="N",
+    p.add_argument("--users", type=positive_int, default=len(payloads.SCENARIOS), metavar="N",
                    help="how many users to simulate, one event each (default: %(default)s)")
     p.add_argument("--scenario", action="append", choices=payloads.SCENARIOS, dest="scenarios",
                    help="only this way of arriving (repeat for several; default: all)")
@@ -52,9 +52,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="number of the first user (default: 0); users are PSID "
                    f"{payloads.PSID_BASE}+N")
     p.add_argument("--page-id", default=payloads.PAGE_ID, help="Page id (default: %(default)s)")
-    p.add_argument("--batch", type=_positive, default=1, metavar="N",
+    p.add_argument("--batch", type=positive_int, default=1, metavar="N",
                    help="events per webhook POST, as Facebook batches under load (default: 1)")
-    p.add_argument("--concurrency", type=_positive, default=8, metavar="N",
+    p.add_argument("--concurrency", type=positive_int, default=8, metavar="N",
                    help="requests in flight at once (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="per-request timeout (default: %(default)s)")
@@ -64,13 +64,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--progress", action="store_true",
                    help="show progress on stderr even when it is not a terminal")
     p.set_defaults(run=run)
-
-
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def signing_secret(given: str | None) -> tuple[bytes, str]:
