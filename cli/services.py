@@ -32,8 +32,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "Redis. Configured by the environment only (see `fbhook check-config`)."
         ),
     )
-    worker.add_argument("--burst", action="store_true",
-                        help="process what is queued, then exit (for scripts and batch jobs)")
+    mode = worker.add_mutually_exclusive_group()
+    mode.add_argument("--burst", action="store_true",
+                      help="process what is queued, then exit (for scripts and batch jobs)")
+    mode.add_argument("--check", action="store_true",
+                      help="exit 0 if this host's worker is alive, 1 if not (health check)")
     worker.set_defaults(run=run_worker)
 
 
@@ -44,6 +47,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from workers.__main__ import main
+
+    if not args.burst:
+        return main(["--check"] if args.check else [])
+    # `python -m workers` has no burst mode: this is its start-up, with `burst=True`.
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -61,5 +69,5 @@ def run_worker(args: argparse.Namespace) -> int:
     import workers.handlers  # noqa: F401 - registers the project's own handlers
     from workers.settings import worker_settings
 
-    Worker(**worker_settings(settings), burst=args.burst).run()
+    Worker(**worker_settings(settings), burst=True).run()
     return 0

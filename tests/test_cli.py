@@ -297,6 +297,9 @@ async def test_worker_burst_processes_the_queue_and_exits(
     assert done.code == 0, done
     assert await redis.zcard("fb:queue") == 0
     assert len(await stream_rows(redis)) == 6
+    # A worker that has exited removes its health-check key: the health check says so.
+    check = await fbhook("worker", "--check", env=full_env(redis_proc.url))
+    assert check.code == 1 and "unhealthy" in check.err, check
 
 
 def test_serve_answers_until_sigterm(redis_proc: RedisProcess, tmp_path: Path) -> None:
