@@ -4,10 +4,15 @@ A job decodes its events, runs the handlers registered for their kind, then writ
 outputs (stream entry, attribution touch) in one atomic call that skips what is already done.
 A handler that raises is retried with backoff; after `JOB_MAX_TRIES` its events are dead-lettered.
 Redis errors retry the whole job: nothing is dropped.
+
+arq fails a job that overruns `JOB_TIMEOUT_SECONDS` and deletes it, events and all, so a job never
+lets that happen: handlers get `HANDLER_SHARE` of the timeout (a handler still running then is a
+failure of its event), and a job still running at `GUARD_SHARE` of it hands itself back with Retry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +47,10 @@ class Runtime:
     processed: dict[str, int] = field(default_factory=dict)
 
 
+HANDLER_SHARE = 0.5
+GUARD_SHARE = 0.9
+
+
 def backoff_s(job_try: int) -> float:
     return float(min(2 ** job_try, 60))
 
@@ -71,22 +80,25 @@ async def run_batch(ctx: dict[str, Any], kind: str, blobs: list[str]) -> int:
     events, payloads, failures = _decode(kind, blobs)
     codes: list[int] = []
     outcome, error = "error", ""
+    now, timeout_s = asyncio.get_running_loop().time(), runtime.settings.job_timeout_s
     try:
-        done = await _run_handlers(ctx, redis, events, failures)
-        codes = await runtime.effects.write(done)
-        if failures:
-            error = next(iter(failures.values())).partition(":")[0]
-            if job_try < runtime.settings.job_max_tries:
-                raise Retry(defer=backoff_s(job_try))
-            for event_id, failure in failures.items():
-                await bury(redis, kind, event_id, payloads[event_id], failure, job_try,
-                           runtime.settings.dedupe_ttl_s)
-            metrics.DEAD.labels(kind).inc(len(failures))
+        async with asyncio.timeout_at(now + timeout_s * GUARD_SHARE):
+            done = await _run_handlers(ctx, redis, events, failures,
+                                       now + timeout_s * HANDLER_SHARE)
+            codes = await runtime.effects.write(done)
+            if failures:
+                error = next(iter(failures.values())).partition(":")[0]
+                if job_try < runtime.settings.job_max_tries:
+                    raise Retry(defer=backoff_s(job_try))
+                for event_id, failure in failures.items():
+                    await bury(redis, kind, event_id, payloads[event_id], failure, job_try,
+                               runtime.settings.dedupe_ttl_s)
+                metrics.DEAD.labels(kind).inc(len(failures))
         outcome = "dead_letter" if failures else "ok"
     except Retry:
         outcome = "retry"
         raise
-    except RedisError as exc:
+    except (RedisError, TimeoutError) as exc:
         outcome, error = "retry", type(exc).__name__
         raise Retry(defer=backoff_s(job_try)) from exc
     except BaseException as exc:
@@ -149,8 +161,9 @@ def _record(ctx: dict[str, Any], kind: str, blobs: list[str], events: list[Event
 
 
 async def _run_handlers(ctx: dict[str, Any], redis: Any, events: list[Event],
-                        failures: dict[str, str]) -> list[Event]:
-    """Run registered handlers for events not yet done; return the events that succeeded."""
+                        failures: dict[str, str], deadline: float) -> list[Event]:
+    """Run registered handlers for events not yet done; return the events that succeeded.
+    Handlers still running at `deadline` (event-loop time) fail their event."""
     with_handlers = [e for e in events if registry.has_handlers(e.kind)]
     if not with_handlers:
         return events
@@ -160,8 +173,13 @@ async def _run_handlers(ctx: dict[str, Any], redis: Any, events: list[Event],
     for event in events:
         if event.id not in already:
             try:
-                for handler in registry.handlers_for(event.kind):
-                    await handler(ctx, event)
+                async with asyncio.timeout_at(deadline) as limit:
+                    for handler in registry.handlers_for(event.kind):
+                        await handler(ctx, event)
+            except TimeoutError as exc:
+                failures[event.id] = "TimeoutError: " + (
+                    "handlers overran the job's deadline" if limit.expired() else str(exc))
+                continue
             except Exception as exc:  # noqa: BLE001 - a handler's failure is recorded, not fatal
                 failures[event.id] = f"{type(exc).__name__}: {exc}"
                 continue
