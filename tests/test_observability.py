@@ -20,7 +20,7 @@ from ingest import metrics as ingest_metrics
 from ingest.app import CLOCK, STATE, create_app
 from ingest.metrics import WebhookClock
 from ingest.observe import watchdog
-from shared.logs import JsonFormatter
+from shared.logs import JsonFormatter, TextFormatter
 from shared.settings import Settings
 from tests.conftest import API_TOKEN, SECRET, VERIFY_TOKEN, Post
 from tests.redis_server import free_port
@@ -294,6 +294,15 @@ async def test_one_log_line_per_job(
     assert (fields["page"], fields["user"]) == ("PAGE1", "j1")
     assert fields["ms"] >= 0
     assert json.loads(JsonFormatter().format(jobs[0]))["kind"] == "referral"
+
+
+def test_text_logs_on_a_terminal_keep_the_fields() -> None:
+    record = logging.makeLogRecord({
+        "name": "fbhook.ingest", "levelno": logging.DEBUG, "levelname": "DEBUG",
+        "msg": "webhook %d %s", "args": (200, "accepted"), "status": 200, "kind": "message",
+    })
+    line = TextFormatter().format(record)
+    assert line.endswith("DEBUG fbhook.ingest: webhook 200 accepted status=200 kind=message")
 
 
 # --- watchdog -----------------------------------------------------------------------------
