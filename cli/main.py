@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
-from cli import attribution, config, deadletters, dev, events, services, simulate
+from cli import attribution, config, deadletters, dev, events, report, services, simulate
 from cli.common import CommandFailed
 from shared.errors import ConfigError
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     attribution.add_parser(sub)
     events.add_parser(sub)
     deadletters.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 

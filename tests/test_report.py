@@ -320,3 +320,25 @@ async def test_report_page_renders_in_a_headless_browser(
     shot.unlink(missing_ok=True)
     await run_chromium(f"--screenshot={shot}", url)
     assert shot.stat().st_size > 10_000  # a page with a chart, not a blank one
+
+
+async def test_cli_report_prints_the_same_figures(
+    post: Post, drain: Any, settings: Settings, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from cli.main import main
+
+    await seed(post, drain)
+    argv = ["report", "--from", D1.isoformat(), "--to", D3.isoformat(),
+            "--redis-url", settings.redis_url]
+    assert await asyncio.to_thread(main, [*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["totals"] == {"new": 5, "returning": 2}
+    assert by_key(report["source"]) == EXPECTED_SOURCE
+
+    assert await asyncio.to_thread(main, argv) == 0
+    text = capsys.readouterr().out
+    assert "users: 5 new, 2 returning" in text
+    assert re.search(r"6045246247433\s+2\s+1\s+Chunky peanut butter", text)
+    assert re.search(rf"{D2.isoformat()}\s+2\s+1", text)
