@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.load import generator_name
+from bench.load import disable_wrk, generator_name
 from bench.plan import FULL, QUICK
 from bench.procs import REPO
 from bench.run import Bench
@@ -26,7 +26,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results",
                         help="where results.json, chart.png and the logs go")
+    parser.add_argument("--no-wrk", action="store_true",
+                        help="drive the load with the Python generator even if wrk is installed")
     args = parser.parse_args()
+    if args.no_wrk:
+        disable_wrk()
     plan = QUICK if args.quick else FULL
     args.out.mkdir(parents=True, exist_ok=True)
     secret = os.environ.get("FB_APP_SECRET", "").split(",")[0] or os.urandom(16).hex()

@@ -23,8 +23,13 @@ from pathlib import Path
 from bench.payloads import Pool
 from bench.procs import REPO
 
-WRK = shutil.which("wrk")
 WRK_LUA = Path(__file__).with_name("wrk.lua")
+_wrk = {"path": shutil.which("wrk")}
+
+
+def disable_wrk() -> None:
+    """Use the Python generator even where wrk is installed (`python -m bench --no-wrk`)."""
+    _wrk["path"] = None
 
 
 @dataclass
@@ -57,7 +62,10 @@ class LoadResult:
 
 
 def generator_name() -> str:
-    return "wrk" if WRK else "python (bench.loadgen; wrk not installed)"
+    if _wrk["path"]:
+        return "wrk"
+    why = "--no-wrk" if shutil.which("wrk") else "wrk not installed"
+    return f"python bench.loadgen ({why}; it may itself be the bottleneck)"
 
 
 class Running:
@@ -133,8 +141,9 @@ def start_closed(port: int, pool: Pool, connections: int, duration_s: float,
                  mode: str = "once") -> Running:
     """Closed loop: `connections` connections, each sends its next request once answered."""
     seconds = max(1, math.ceil(duration_s))
-    if WRK:
-        cmd = [WRK, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
+    wrk = _wrk["path"]
+    if wrk:
+        cmd = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
                "-s", str(WRK_LUA), f"http://127.0.0.1:{port}/webhook", str(pool.path), mode]
         return Running(cmd, "wrk", connections, signal_on_done=True)
     cmd = [sys.executable, "-m", "bench.loadgen", "closed", str(port), str(pool.path),

@@ -34,7 +34,7 @@ class Plan:
 
 
 FULL = Plan(
-    name="full", rounds=2, sweep=(4, 16, 64, 256), sweep_s=3.0, batch_conns=(8, 32),
+    name="full", rounds=2, sweep=(4, 16, 64, 256), sweep_s=3.0, batch_conns=(32, 64),
     e2e_conns=32, rate=2000.0, rate_s=5.0, events=150_000, peer_events=8_000, users=10_000,
 )
 QUICK = Plan(

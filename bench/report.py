@@ -94,6 +94,11 @@ def table(r: dict[str, Any]) -> str:
          f"{n(jb['rps'])} (c={jb['connections']})",
          f"ceiling {n(cb['rps'])} (c={cb['connections']})", x(jb["rps"] / cb["rps"]),
          ">= 0.6x ceiling", t["ingest 1-event req/s vs ceiling"].verdict),
+        ("Ingest CPU us per request, 1 event, same points (ratio: ceiling / project)",
+         f"{us(jb, 'ingest'):.0f} (+ Redis {us(jb, 'redis'):.0f})",
+         f"ceiling {us(cb, 'ceiling'):.0f}; peer {us(pb, 'peer-ingest'):.0f} "
+         f"(+ Redis {us(pb, 'redis'):.0f})", x(ratio(us(cb, "ceiling"), us(jb, "ingest"))),
+         "", ""),
         ("Ingest, 1 event/POST, req/s vs peer", n(jb["rps"]),
          f"peer {n(pb['rps'])} (c={pb['connections']})", x(ratio(jb["rps"], pb["rps"])), "", ""),
         ("Ingest, 50 events/POST, events/s (req/s)",
@@ -149,21 +154,28 @@ def table(r: dict[str, Any]) -> str:
 def _both(a: Target, b: Target) -> str:
     if a.passed and b.passed:
         return "PASS"
-    return "; ".join(f"{t.name.split(' ')[-1] if t.unit == 'x' else 'rate'}: {t.verdict}"
+    return "; ".join(f"{n(t.limit)}{t.unit if t.unit == 'x' else ''}: {t.verdict}"
                      for t in (a, b) if not t.passed)
+
+
+def us(point: Point, name: str) -> float:
+    return float(point["cpu_us_per_request"].get(name, 0.0))
 
 
 def sweep_table(r: dict[str, Any]) -> str:
     c, p, j = r["ceiling"], r["peer"], r["project"]
     lines = ["| Connections | Ceiling req/s | Peer req/s | Project req/s | Ceiling p50/p99 ms"
-             " | Peer p50/p99 ms | Project p50/p99 ms | wrk CPU % (c/p/j) |",
-             "|---:|---:|---:|---:|---|---|---|---|"]
+             " | Peer p50/p99 ms | Project p50/p99 ms | server CPU us/req (c/p/j) | generator"
+             " CPU % (c/p/j) |",
+             "|---:|---:|---:|---:|---|---|---|---|---|"]
+    servers = ("ceiling", "peer-ingest", "ingest")
     for conns in r["plan"]["sweep"]:
         pts = [at(s["sweep"], conns) for s in (c, p, j)]
         lines.append(
             f"| {conns} | " + " | ".join(n(pt["rps"]) for pt in pts) + " | "
             + " | ".join(f"{pt['p50_ms']:.2f} / {pt['p99_ms']:.2f}" for pt in pts) + " | "
-            + " / ".join(f"{pt['generator_cpu_pct']:.0f}" for pt in pts) + " |")
+            + " / ".join(f"{us(pt, name):.0f}" for pt, name in zip(pts, servers, strict=True))
+            + " | " + " / ".join(f"{pt['generator_cpu_pct']:.0f}" for pt in pts) + " |")
     return "\n".join(lines)
 
 
@@ -178,14 +190,20 @@ def cpu_table(r: dict[str, Any]) -> str:
         ("Backlog, 1 worker", j["drain"]["1"]),
         ("Backlog, 2 workers", j["drain"]["2"]),
     ]
-    lines = ["| Run (this project) | ingest | workers | redis | load generator |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| Run (this project) | ingest | workers | redis | load generator | other tenants"
+             " | CPU us per event: ingest / workers / redis |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for label, pt in rows:
         cpu = pt["cpu_pct"]
+        per = pt.get("cpu_us_per_event") or {
+            k: v / pt["events_per_request"] for k, v in pt["cpu_us_per_request"].items()}
         workers = sum(v for k, v in cpu.items() if k.startswith("worker"))
+        per_workers = sum(v for k, v in per.items() if k.startswith("worker"))
         gen = pt.get("generator_cpu_pct")
-        lines.append(f"| {label} | {cpu.get('ingest', 0):.0f}% | {workers:.0f}% | "
-                     f"{cpu.get('redis', 0):.0f}% | {'' if gen is None else f'{gen:.0f}%'} |")
+        lines.append(
+            f"| {label} | {cpu.get('ingest', 0):.0f}% | {workers:.0f}% | {cpu.get('redis', 0):.0f}%"
+            f" | {'' if gen is None else f'{gen:.0f}%'} | {cpu.get('other', 0):.0f}% | "
+            f"{per.get('ingest', 0):.1f} / {per_workers:.1f} / {per.get('redis', 0):.1f} |")
     return "\n".join(lines)
 
 
@@ -193,10 +211,19 @@ def render(r: dict[str, Any]) -> str:
     meta = r["meta"]
     return (
         f"## fbhook benchmark ({r['plan']['name']} run, {meta['cpus']} CPUs, "
-        f"load generator: {meta['generator']}, {meta['seconds']:.0f} s)\n\n"
+        f"load generator: {meta['generator']}, {meta['seconds']:.0f} s, best of "
+        f"{r['plan']['rounds']} round(s); other tenants used {other_load(r):.0f}% of one core "
+        f"on average during the runs)\n\n"
         + table(r) + "\n\n### Saturation sweep, 1 event per POST\n\n" + sweep_table(r)
         + "\n\n### CPU use (% of one core)\n\n" + cpu_table(r) + "\n"
     )
+
+
+def other_load(r: dict[str, Any]) -> float:
+    """Mean CPU that none of our processes used during the kept ingest points: the noise."""
+    points = [pt for s in ("ceiling", "peer", "project") for pt in r[s]["sweep"]]
+    values = [float(pt["cpu_pct"].get("other", 0.0)) for pt in points]
+    return sum(values) / len(values) if values else 0.0
 
 
 def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -220,13 +247,18 @@ def chart(r: dict[str, Any], path: Path) -> None:
         right.plot(conns, [pt["p50_ms"] for pt in pts], "o-", color=color, label=f"{label} p50")
         right.plot(conns, [pt["p99_ms"] for pt in pts], "s--", color=color,
                    label=f"{label} p99")
+    ticks = list(r["plan"]["sweep"])
     for ax in (left, right):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("concurrent connections (wrk, 1 event per POST)")
         ax.grid(True, alpha=0.3)
+    top = max(pt["rps"] for _, data, _ in series for pt in data["sweep"])
+    left.set_ylim(0, top * 1.3)
     left.set_ylabel("acknowledged requests / s")
     left.set_title("Throughput")
-    left.legend()
+    left.legend(loc="upper center", ncol=3, fontsize=8)
     right.set_yscale("log")
     right.set_ylabel("ack latency (ms)")
     right.set_title("Ack latency")
