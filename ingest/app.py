@@ -51,6 +51,12 @@ STATE = web.AppKey("state", State)
 CLOCK = web.AppKey("clock", WebhookClock)
 
 
+def redis_deadline(state: State) -> asyncio.Timeout:
+    """The longest a request waits on Redis. redis-py sets up new connections one at a time under
+    a pool lock, so with Redis frozen each request would also wait for the ones before it."""
+    return asyncio.timeout(state.settings.redis_timeout_s + 0.4)
+
+
 def _text(status: int, reason: str) -> web.Response:
     return web.Response(status=status, text=reason + "\n")
 
@@ -129,7 +135,8 @@ async def healthz(_: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     try:
-        await state.redis.ping()
+        async with redis_deadline(state):
+            await state.redis.ping()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return web.json_response({"status": "unavailable", "redis": type(exc).__name__}, status=503)
     return web.json_response({"status": "ready"})
@@ -151,7 +158,8 @@ async def attribution(request: web.Request) -> web.Response:
         )
     user = request.match_info["user_id"]
     try:
-        fields = await hash_fields(state.redis, keys.attribution(user))
+        async with redis_deadline(state):
+            fields = await hash_fields(state.redis, keys.attribution(user))
     except Exception:  # noqa: BLE001
         return web.json_response({"error": "redis unavailable"}, status=503)
     view = read_record(user, fields)
@@ -202,7 +210,8 @@ async def report(request: web.Request) -> web.Response:
         return web.json_response({"error": "limit must be a whole number, 0 to 10000"},
                                  status=400)
     try:
-        result = await build_report(state.redis, first, last, limit)
+        async with redis_deadline(state):
+            result = await build_report(state.redis, first, last, limit)
     except Exception:  # noqa: BLE001
         return web.json_response({"error": "redis unavailable"}, status=503)
     if as_json:
