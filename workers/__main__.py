@@ -10,7 +10,10 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from wsgiref.simple_server import WSGIServer
+
+from redis.exceptions import RedisError
 
 from shared.errors import ConfigError
 from shared.logs import setup_logging
@@ -79,8 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     from workers.settings import worker_settings
 
     serve_metrics(settings)
-    Worker(**worker_settings(settings)).run()
-    return 0
+    while True:
+        try:
+            Worker(**worker_settings(settings)).run()
+            return 0
+        except (RedisError, OSError) as exc:
+            # arq ends its poll loop on some connection errors (a WATCH that loses its
+            # connection, for one); a Redis restart must not end the worker process.
+            log.warning("worker stopped by a Redis error (%s: %s); starting it again",
+                        type(exc).__name__, exc)
+            time.sleep(1)
 
 
 if __name__ == "__main__":

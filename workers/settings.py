@@ -8,6 +8,10 @@ from typing import Any, cast
 
 from arq.connections import RedisSettings
 from arq.worker import func
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
 from shared.codec import job_deserializer, job_serializer
@@ -31,10 +35,19 @@ def health_check_key(settings: Settings) -> str:
     return keys.health_check(settings.queue_name, socket.gethostname())
 
 
+OUTAGE_RETRIES = 40
+"""A Redis command that fails to connect or loses its connection is tried again this many times,
+with a backoff growing to 1 s (about 35 s in all): a Redis restart pauses the worker. Without it
+arq's poll loop raises and the worker process exits."""
+
+
 def redis_settings(settings: Settings) -> RedisSettings:
     rs = RedisSettings.from_dsn(settings.redis_url)
     rs.conn_timeout = max(1, int(settings.redis_timeout_s + 0.999))
     rs.conn_retries = 60
+    # OSError too: a refused connection is an OSError until redis-py wraps it.
+    rs.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
+    rs.retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), OUTAGE_RETRIES)
     return rs
 
 
