@@ -213,15 +213,21 @@ def render(r: dict[str, Any]) -> str:
         f"## fbhook benchmark ({r['plan']['name']} run, {meta['cpus']} CPUs, "
         f"load generator: {meta['generator']}, {meta['seconds']:.0f} s, best of "
         f"{r['plan']['rounds']} round(s); other tenants used {other_load(r):.0f}% of one core "
-        f"on average during the runs)\n\n"
+        f"during the ingest runs, {other_load(r, e2e=True):.0f}% during the end-to-end runs)\n\n"
         + table(r) + "\n\n### Saturation sweep, 1 event per POST\n\n" + sweep_table(r)
         + "\n\n### CPU use (% of one core)\n\n" + cpu_table(r) + "\n"
     )
 
 
-def other_load(r: dict[str, Any]) -> float:
-    """Mean CPU that none of our processes used during the kept ingest points: the noise."""
-    points = [pt for s in ("ceiling", "peer", "project") for pt in r[s]["sweep"]]
+def other_load(r: dict[str, Any], e2e: bool = False) -> float:
+    """Mean CPU that none of our processes used during the kept ingest points (or the kept
+    end-to-end runs): the noise, in % of one core."""
+    if e2e:
+        j = r["project"]
+        points = [*j["live"].values(), *j["drain"].values(), r["peer"]["live"],
+                  r["peer"]["drain"]]
+    else:
+        points = [pt for s in ("ceiling", "peer", "project") for pt in r[s]["sweep"]]
     values = [float(pt["cpu_pct"].get("other", 0.0)) for pt in points]
     return sum(values) / len(values) if values else 0.0
 
