@@ -386,7 +386,7 @@ class Bench:
             usage.memory_usage(name, samples=0)
         per_key = sum(int(u) for u in usage.execute()) / max(1, len(names))
         encoding = scratch.object("encoding", names[0]) if names else None
-        sample: bytes | None = scratch.hget(names[0], "h") if names else None  # type: ignore[assignment]
+        sample: bytes | None = scratch.get(names[0]) if names else None  # type: ignore[assignment]
         history = len(sample or b"")
         scratch.flushdb()
         scratch.close()

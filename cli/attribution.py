@@ -22,8 +22,7 @@ from cli.common import (
 )
 from cli.progress import Progress, wanted
 from shared import keys
-from shared.attribution import AttributionView, read_record
-from shared.redis import hash_fields
+from shared.attribution import AttributionView, load, read_record
 
 TOUCH_COLUMNS = (
     "timestamp", "via", "source", "type", "ref", "ad_id", "product_id", "referer_uri",
@@ -91,7 +90,7 @@ def run_get(args: argparse.Namespace) -> int:
 
 async def _get(args: argparse.Namespace) -> AttributionView | None:
     async with open_redis(tool_settings(args)) as redis:
-        return read_record(args.user, await hash_fields(redis, keys.attribution(args.user)))
+        return await load(redis, args.user)
 
 
 async def scan_records(redis: Redis, batch: int = 1000) -> AsyncIterator[list[AttributionView]]:
@@ -99,18 +98,15 @@ async def scan_records(redis: Redis, batch: int = 1000) -> AsyncIterator[list[At
     cursor: int = 0
     while True:
         cursor, found = await redis.scan(
-            cursor, match=keys.ATTR_PREFIX + "*", count=batch, _type="hash"
+            cursor, match=keys.ATTR_PREFIX + "*", count=batch, _type="string"
         )
         if found:
-            async with redis.pipeline(transaction=False) as pipe:
-                for key in found:
-                    pipe.hgetall(key)
-                rows: list[Any] = await pipe.execute()
+            rows: list[Any] = await redis.mget(found)
             views = []
-            for key, fields in zip(found, rows, strict=True):
+            for key, raw in zip(found, rows, strict=True):
                 user = key.decode(errors="replace").removeprefix(keys.ATTR_PREFIX)
-                view = read_record(user, fields) if isinstance(fields, dict) else None
-                if view is not None:  # deleted between SCAN and HGETALL
+                view = read_record(user, raw)
+                if view is not None:  # deleted between SCAN and MGET
                     views.append(view)
             yield views
         if cursor == 0:

@@ -22,10 +22,9 @@ from ingest.observe import Outcome, request_fields, watchdog
 from ingest.queue import Enqueuer
 from ingest.report_page import CSP, render
 from ingest.signature import SignatureVerifier
-from shared import keys
-from shared.attribution import read_record
+from shared.attribution import load as load_attribution
 from shared.errors import BadRequest, QueueUnavailable
-from shared.redis import connect, hash_fields
+from shared.redis import connect
 from shared.report import DEFAULT_LIMIT, ReportRangeError, build_report, encode_report, parse_range
 from shared.settings import Settings
 
@@ -159,10 +158,9 @@ async def attribution(request: web.Request) -> web.Response:
     user = request.match_info["user_id"]
     try:
         async with redis_deadline(state):
-            fields = await hash_fields(state.redis, keys.attribution(user))
+            view = await load_attribution(state.redis, user)
     except Exception:  # noqa: BLE001
         return web.json_response({"error": "redis unavailable"}, status=503)
-    view = read_record(user, fields)
     if view is None:
         return web.json_response({"error": "no attribution for this user"}, status=404)
     return web.Response(body=msgspec.json.encode(view), content_type="application/json")

@@ -1,21 +1,27 @@
 """Referral touches: how they are stored per user in Redis and how they are read back.
 
-A user's record is the hash `fb:attr:<user>` with fields `n` (touch count), `h` (the history:
-a MessagePack array of touches, latest timestamp first, capped) and `f` (the earliest touch, kept
-only once it has fallen out of the history). Touches use one-letter keys to keep a user small.
+A user's record is one string key `fb:attr:<user>` holding the MessagePack array
+`[touches, first, history]`: the number of touches ever stored, the earliest touch once it has
+fallen out of the history (else false), and the history, latest timestamp first, capped at
+HISTORY_CAP. Each touch is a positional array (see `POSITIONS`) with false for an absent value,
+so Lua keeps every position; `ads_context_data` is kept as JSON text, which Lua passes through
+untouched (its MessagePack round trip would turn `[1, null]` into a map and `{}` into a list).
+A string of positional arrays costs about 170 bytes for a user with one touch and 320 with
+three; a hash of named fields cost twice that (a value over 64 bytes turns a small Redis hash
+into a full hash table).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
+from redis.asyncio import Redis
+
+from shared import keys
 
 
-class Touch(msgspec.Struct, frozen=True, omit_defaults=True, rename={
-    "timestamp": "t", "via": "v", "source": "s", "type": "y", "ref": "r", "ad_id": "a",
-    "ads_context_data": "c", "referer_uri": "u", "product_id": "p", "page_id": "g",
-}):
+class Touch(msgspec.Struct, frozen=True):
     """One referral touch: where a user came from, when, and which part of the event said so."""
 
     timestamp: int
@@ -42,11 +48,49 @@ class AttributionView(msgspec.Struct, frozen=True):
     vars: dict[str, str | None]
 
 
-encode_touch = msgspec.msgpack.Encoder().encode
-_decode_touches = msgspec.msgpack.Decoder(list[Touch]).decode
-_decode_touch = msgspec.msgpack.Decoder(Touch).decode
+VIA: Final = ("referral", "postback", "message")
+"""`via` is stored as its index in this tuple."""
+
+POSITIONS: Final = ("timestamp", "via", "source", "type", "ref", "ad_id", "ads_context_data",
+                    "referer_uri", "product_id", "page_id")
+"""The order of a stored touch's values; workers/effects.lua reads them by these positions."""
 
 _FIELDS = tuple(Touch.__struct_fields__)
+_json = msgspec.json.Encoder().encode
+_decode_record = msgspec.msgpack.Decoder(tuple[int, Any, list[list[Any]]]).decode
+
+
+def pack_touch(touch: Touch) -> list[Any]:
+    """A touch as stored: positional, `via` as an index, false for every absent value."""
+    return [
+        touch.timestamp, VIA.index(touch.via), touch.source or False, touch.type or False,
+        touch.ref or False, touch.ad_id or False,
+        _json(touch.ads_context_data).decode() if touch.ads_context_data else False,
+        touch.referer_uri or False, touch.product_id or False, touch.page_id or False,
+    ]
+
+
+def _context(stored: Any) -> dict[str, Any] | None:
+    if isinstance(stored, str | bytes):
+        try:
+            value = msgspec.json.decode(stored)
+        except msgspec.DecodeError:
+            return None
+        return value if isinstance(value, dict) else None
+    return None
+
+
+def unpack_touch(values: list[Any]) -> Touch:
+    v: list[Any] = [None if x is False else x for x in values]
+    v += [None] * (len(POSITIONS) - len(v))
+    via, context = v[1], _context(v[6])
+    return Touch(
+        timestamp=int(v[0] or 0),
+        via=VIA[via] if isinstance(via, int) and 0 <= via < len(VIA) else "referral",
+        source=v[2], type=v[3], ref=v[4], ad_id=v[5],
+        ads_context_data=context if isinstance(context, dict) else None,
+        referer_uri=v[7], product_id=v[8], page_id=v[9],
+    )
 
 
 def touch_dict(touch: Touch) -> dict[str, Any]:
@@ -59,22 +103,32 @@ def fb_ref_vars(touch: Touch) -> dict[str, str | None]:
     return {"_fbRefSource": touch.source, "_fbRefParam": touch.ref, "_fbRefAdId": touch.ad_id}
 
 
-def read_record(user: str, fields: dict[bytes, bytes]) -> AttributionView | None:
-    """Turn the raw hash of `fb:attr:<user>` into the API's view; None when the user has none."""
-    history_raw = fields.get(b"h")
-    if not history_raw:
+def read_record(user: str, raw: bytes | None) -> AttributionView | None:
+    """Turn the stored value of `fb:attr:<user>` into the API's view; None when there is none."""
+    if not raw:
         return None
-    history = _decode_touches(history_raw)
+    count, first_raw, history_raw = _decode_record(raw)
+    history = [unpack_touch(t) for t in history_raw]
     if not history:
         return None
-    first_raw = fields.get(b"f")
-    first = _decode_touch(first_raw) if first_raw else history[-1]
+    first = unpack_touch(first_raw) if isinstance(first_raw, list) else history[-1]
     last = history[0]
     return AttributionView(
         user=user,
-        touches=int(fields.get(b"n", b"0")),
+        touches=count,
         first=touch_dict(first),
         last=touch_dict(last),
         history=[touch_dict(t) for t in history],
         vars=fb_ref_vars(last),
     )
+
+
+async def load(redis: Redis, user: str) -> AttributionView | None:
+    """A user's attribution record, or None when the user has no touch."""
+    raw: bytes | None = await redis.get(keys.attribution(user))
+    return read_record(user, raw)
+
+
+def touch_count(raw: bytes | None) -> int:
+    """How many touches a stored record has counted (0 for none)."""
+    return _decode_record(raw)[0] if raw else 0

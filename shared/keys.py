@@ -9,7 +9,7 @@ STREAM_PREFIX = "fb:events:"
 """`fb:events:<kind>`: a Redis Stream per event kind, the interface for downstream consumers."""
 
 ATTR_PREFIX = "fb:attr:"
-"""`fb:attr:<user>`: a hash holding a user's referral touches (see workers/effects.lua)."""
+"""`fb:attr:<user>`: a user's referral touches, one MessagePack string (shared/attribution.py)."""
 
 REFERRALS_STREAM = "fb:referrals"
 """Every new referral touch, published for bots that greet users as they arrive."""

@@ -17,8 +17,3 @@ def connect(settings: Settings) -> Redis:
     )
     return client
 
-
-async def hash_fields(redis: Redis, key: str) -> dict[bytes, bytes]:
-    """HGETALL with the type redis-py's stubs leave open."""
-    fields: dict[bytes, bytes] = await redis.hgetall(key)  # type: ignore[misc]
-    return fields

@@ -312,9 +312,7 @@ async def wait_processed(redis: Redis, expected: set[str], within_s: float) -> f
 
 
 async def attribution_counts(redis: Redis, users: set[str]) -> dict[str, int]:
-    """The touch count `n` of each user's attribution hash (0 when the user has none)."""
-    out: dict[str, int] = {}
-    for user in users:
-        n = await redis.hget(f"fb:attr:{user}", "n")  # type: ignore[misc]
-        out[user] = int(n or 0)
-    return out
+    """The touch count of each user's attribution record (0 when the user has none)."""
+    from shared.attribution import touch_count
+
+    return {user: touch_count(await redis.get(f"fb:attr:{user}")) for user in users}

@@ -30,7 +30,7 @@ async def touches_in_redis(redis: Redis) -> list[tuple[Any, ...]]:
     out = []
     async for key in redis.scan_iter("fb:attr:*"):
         user = key.decode().removeprefix("fb:attr:")
-        view = read_record(user, await redis.hgetall(key))
+        view = read_record(user, await redis.get(key))
         assert view is not None
         assert view.touches == len(view.history)
         for t in view.history:

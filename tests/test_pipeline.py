@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from shared.attribution import read_record
+from shared.attribution import load
 from shared.settings import Settings
 from tests import payloads as p
 from tests.conftest import Post, stream_rows
 
 
 async def _view(redis: Redis, user: str = p.PSID) -> Any:
-    view = read_record(user, await redis.hgetall(f"fb:attr:{user}"))
+    view = await load(redis, user)
     assert view is not None
     return view
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.attribution import read_record
+from shared.attribution import load
 from tests import payloads as p
 from tests.conftest import Post, stream_rows
 
@@ -22,7 +22,7 @@ async def _one_event(post: Post, drain: Any, redis: Redis, item: dict[str, Any])
 
 
 async def _record(redis: Redis, user: str) -> Any:
-    view = read_record(user, await redis.hgetall(f"fb:attr:{user}"))
+    view = await load(redis, user)
     assert view is not None, f"no attribution stored for {user}"
     return view
 

@@ -1,26 +1,33 @@
 -- The built-in outputs of a batch of processed events, exactly once in effect.
 --
--- ARGV[1] dedupe window (s)   ARGV[2] stream MAXLEN   ARGV[3] history cap
--- ARGV[4] referrals stream key   ARGV[5] report ad-titles hash   ARGV[6] report retention (s)
--- then 13 values per event: seen key, stream key, id, kind, channel, page id, sender,
--- timestamp (ms), event JSON, attribution key ('' when no touch), touch (MessagePack), touch JSON,
--- report key of the touch's UTC day.
+-- ARGV[1] dedupe window (s)    ARGV[2] stream MAXLEN       ARGV[3] history cap
+-- ARGV[4] referrals stream     ARGV[5] report ad titles    ARGV[6] report retention (s)
+-- ARGV[7..10] key prefixes: seen, event stream, attribution, report day
+-- ARGV[11] the events, one MessagePack array of arrays (one argument instead of a dozen per
+--          event: packing arguments was half a worker's time):
+--   {id, kind, channel, page id, sender, timestamp ms, event JSON, touch, touch JSON, day,
+--    ad title}
+--   where touch is a positional array (shared/attribution.py POSITIONS) or false.
 --
 -- An event whose seen key already says 'd' (done) is skipped, so a job that runs again after a
 -- crash writes nothing twice. Returns one code per event: 0 skipped, 1 written,
 -- 2 written with a touch for a new user, 3 written with a touch for a returning user.
 local window, maxlen, cap, referrals = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local ad_titles, retention = ARGV[5], tonumber(ARGV[6])
+local seen_prefix, stream_prefix, attr_prefix, day_prefix = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 
--- Insert a touch into the user's history (latest timestamp first, capped at `cap`). The
--- earliest touch ever seen survives in field 'f' once it falls out of the history.
-local function add_touch(key, blob)
-  local touch = cmsgpack.unpack(blob)
-  local packed = redis.call('HGET', key, 'h')
-  local history = packed and cmsgpack.unpack(packed) or {}
+-- Positions in a stored touch (1-based): shared/attribution.py POSITIONS.
+local T, SOURCE, REF, AD = 1, 3, 5, 6
+
+-- Insert a touch into the user's record {count, first, history}: history latest first, capped;
+-- the earliest touch ever seen survives as `first` once it falls out of the history.
+local function add_touch(key, touch)
+  local stored = redis.call('GET', key)
+  local record = stored and cmsgpack.unpack(stored) or {0, false, {}}
+  local history = record[3]
   local pos = #history + 1
   for j = 1, #history do
-    if touch.t > history[j].t then
+    if touch[T] > history[j][T] then
       pos = j
       break
     end
@@ -28,60 +35,60 @@ local function add_touch(key, blob)
   table.insert(history, pos, touch)
   if #history > cap then
     local dropped = table.remove(history)
-    local first = redis.call('HGET', key, 'f')
-    if not first or cmsgpack.unpack(first).t > dropped.t then
-      redis.call('HSET', key, 'f', cmsgpack.pack(dropped))
+    if not record[2] or record[2][T] > dropped[T] then
+      record[2] = dropped
     end
   end
-  redis.call('HSET', key, 'h', cmsgpack.pack(history))
-  local count = redis.call('HINCRBY', key, 'n', 1)
-  return count, history[1], touch
+  record[1] = record[1] + 1
+  redis.call('SET', key, cmsgpack.pack(record))
+  return record[1], history[1]
 end
 
 -- Count a touch in its day's report hash: `new|source|ADS`, `ret|ref|<ref>`, `new|ad|<ad id>`.
 -- A day's hash expires `retention` seconds after the day ends.
-local function count_touch(day_key, touch, returning)
+local function count_touch(day_key, touch, returning, title)
   local side = returning and 'ret|' or 'new|'
-  redis.call('HINCRBY', day_key, side .. 'source|' .. (touch.s or ''), 1)
-  if touch.r then
-    redis.call('HINCRBY', day_key, side .. 'ref|' .. touch.r, 1)
+  redis.call('HINCRBY', day_key, side .. 'source|' .. (touch[SOURCE] or ''), 1)
+  if touch[REF] then
+    redis.call('HINCRBY', day_key, side .. 'ref|' .. touch[REF], 1)
   end
-  if touch.a then
-    redis.call('HINCRBY', day_key, side .. 'ad|' .. touch.a, 1)
-    local title = type(touch.c) == 'table' and touch.c.ad_title
-    if type(title) == 'string' and title ~= '' then
-      redis.call('HSET', ad_titles, touch.a, title)
+  if touch[AD] then
+    redis.call('HINCRBY', day_key, side .. 'ad|' .. touch[AD], 1)
+    if title then
+      redis.call('HSET', ad_titles, touch[AD], title)
     end
   end
-  redis.call('EXPIREAT', day_key, math.floor(touch.t / 86400000) * 86400 + 86400 + retention)
+  redis.call('EXPIREAT', day_key, math.floor(touch[T] / 86400000) * 86400 + 86400 + retention)
+end
+
+local function null(value)
+  return value or cjson.null
 end
 
 local out = {}
-for i = 7, #ARGV, 13 do
-  local seen = ARGV[i]
+for n, e in ipairs(cmsgpack.unpack(ARGV[11])) do
+  local id, kind, sender, touch = e[1], e[2], e[5], e[8]
+  local seen = seen_prefix .. id
   if redis.call('GET', seen) == 'd' then
-    out[#out + 1] = 0
+    out[n] = 0
   else
-    local sender, attr = ARGV[i + 6], ARGV[i + 9]
-    redis.call('XADD', ARGV[i + 1], 'MAXLEN', '~', maxlen, '*',
-      'id', ARGV[i + 2], 'kind', ARGV[i + 3], 'channel', ARGV[i + 4], 'page_id', ARGV[i + 5],
-      'sender', sender, 'timestamp', ARGV[i + 7], 'event', ARGV[i + 8])
-    local code = 1
-    if attr ~= '' then
-      local count, last, touch = add_touch(attr, ARGV[i + 10])
-      code = count > 1 and 3 or 2
-      count_touch(ARGV[i + 12], touch, count > 1)
+    redis.call('XADD', stream_prefix .. kind, 'MAXLEN', '~', maxlen, '*',
+      'id', id, 'kind', kind, 'channel', e[3], 'page_id', e[4], 'sender', sender,
+      'timestamp', e[6], 'event', e[7])
+    out[n] = 1
+    if touch then
+      local count, last = add_touch(attr_prefix .. sender, touch)
+      out[n] = count > 1 and 3 or 2
+      count_touch(day_prefix .. e[10], touch, count > 1, e[11])
       local vars = cjson.encode({
-        _fbRefSource = last.s or cjson.null,
-        _fbRefParam = last.r or cjson.null,
-        _fbRefAdId = last.a or cjson.null,
+        _fbRefSource = null(last[SOURCE]), _fbRefParam = null(last[REF]), _fbRefAdId = null(last[AD]),
       })
       redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
         'user', sender, 'returning', count > 1 and '1' or '0', 'touches', count,
-        'touch', ARGV[i + 11], 'vars', vars)
+        'touch', e[9], 'vars', vars)
     end
+    -- Marked done last: should a write above fail, the event is not marked and runs again.
     redis.call('SET', seen, 'd', 'EX', window)
-    out[#out + 1] = code
   end
 end
 return out

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from importlib import resources
+from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.attribution import encode_touch, touch_dict
+from shared.attribution import Touch, pack_touch, touch_dict
 from shared.events import Event
 from shared.report import RETENTION_DAYS, day_of
 from shared.settings import Settings
@@ -20,6 +21,18 @@ EFFECTS_LUA = resources.files("workers").joinpath("effects.lua").read_text()
 SKIPPED, WRITTEN, NEW_USER, RETURNING_USER = 0, 1, 2, 3
 
 _json = msgspec.json.Encoder().encode
+_pack = msgspec.msgpack.Encoder().encode
+
+
+def _text(value: Any) -> str:
+    """JSON as str: Redis's Lua MessagePack decoder knows str but not bin."""
+    return _json(value).decode()
+
+
+def _ad_title(touch: Touch) -> str | bool:
+    """The ad's title for the report, or false (Lua's "none")."""
+    title = (touch.ads_context_data or {}).get("ad_title")
+    return title if isinstance(title, str) and title else False
 
 
 class Effects:
@@ -30,29 +43,27 @@ class Effects:
         self._header = (
             settings.dedupe_ttl_s, settings.stream_maxlen, settings.history_cap,
             keys.REFERRALS_STREAM, keys.REPORT_ADS, RETENTION_DAYS * 86400,
+            keys.SEEN_PREFIX, keys.STREAM_PREFIX, keys.ATTR_PREFIX, keys.REPORT_PREFIX,
         )
 
     async def write(self, events: list[Event]) -> list[int]:
         """One code per event: SKIPPED (already done), WRITTEN, NEW_USER or RETURNING_USER."""
         if not events:
             return []
-        args: list[str | int | bytes] = list(self._header)
+        rows: list[tuple[Any, ...]] = []
         sources: list[str | None] = []
         for event in events:
             touch = touch_of(event)
-            sender = event.sender or ""
-            args += (
-                keys.seen(event.id), keys.stream(event.kind), event.id, event.kind,
-                event.channel, event.page_id or "", sender, event.timestamp, _json(event),
-            )
+            head = (event.id, event.kind, event.channel, event.page_id or "", event.sender or "",
+                    event.timestamp, _text(event))
             if touch is None:
-                args += ("", "", "", "")
+                rows.append((*head, False, False, False, False))
                 sources.append(None)
             else:
-                args += (keys.attribution(sender), encode_touch(touch), _json(touch_dict(touch)),
-                         keys.report_day(day_of(touch.timestamp)))
+                rows.append((*head, pack_touch(touch), _text(touch_dict(touch)),
+                             day_of(touch.timestamp), _ad_title(touch)))
                 sources.append(touch.source)
-        codes = [int(c) for c in await self._script(args=args)]
+        codes = [int(c) for c in await self._script(args=[*self._header, _pack(rows)])]
         for code, source in zip(codes, sources, strict=True):
             if code >= NEW_USER:
                 metrics.count_touch(source, code == RETURNING_USER)

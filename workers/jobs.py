@@ -3,7 +3,9 @@
 A job decodes its events, runs the handlers registered for their kind, then writes the built-in
 outputs (stream entry, attribution touch) in one atomic call that skips what is already done.
 A handler that raises is retried with backoff; after `JOB_MAX_TRIES` its events are dead-lettered.
-Redis errors retry the whole job: nothing is dropped.
+Redis outages retry the whole job for as long as they last; an error reply that persists (a
+script error) is retried `JOB_MAX_TRIES` times, then the job's events are dead-lettered. Nothing
+is dropped.
 
 arq fails a job that overruns `JOB_TIMEOUT_SECONDS` and deletes it, events and all, so a job never
 lets that happen: handlers get `HANDLER_SHARE` of the timeout (a handler still running then is a
@@ -21,7 +23,7 @@ from typing import Any
 
 import msgspec
 from arq import Retry
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from shared import keys
 from shared.codec import DecodedEvent, decode_event
@@ -49,6 +51,14 @@ class Runtime:
 
 HANDLER_SHARE = 0.5
 GUARD_SHARE = 0.9
+
+
+_TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOSCRIPT")
+
+
+def _transient(exc: ResponseError) -> bool:
+    """A Redis error reply that passes (out of memory, loading, busy): retry without counting."""
+    return str(exc).startswith(_TRANSIENT_REPLIES)
 
 
 def backoff_s(job_try: int) -> float:
@@ -98,6 +108,17 @@ async def run_batch(ctx: dict[str, Any], kind: str, blobs: list[str]) -> int:
     except Retry:
         outcome = "retry"
         raise
+    except ResponseError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        if _transient(exc) or job_try < runtime.settings.job_max_tries:
+            outcome = "retry"
+            raise Retry(defer=backoff_s(job_try)) from exc
+        # Redis refused this batch try after try (a script error, say): keep every event.
+        for event_id, payload in payloads.items():
+            await bury(redis, kind, event_id, payload, error, job_try,
+                       runtime.settings.dedupe_ttl_s)
+        metrics.DEAD.labels(kind).inc(len(payloads))
+        outcome = "dead_letter"
     except (RedisError, TimeoutError) as exc:
         outcome, error = "retry", type(exc).__name__
         raise Retry(defer=backoff_s(job_try)) from exc
