@@ -57,15 +57,49 @@ _plain = msgspec.json.Encoder().encode
 NOT_JSON = "body is not valid JSON"
 NOT_ENVELOPE = "body must be a JSON object with an 'entry' list"
 
+MAX_DEPTH = 64
+"""The deepest nesting of arrays and objects a body may have (Facebook's own stay under 15).
+Decoding and encoding recurse once per level, in ingest and again in the workers, whose stacks
+differ: without a fixed limit a body nested near Python's recursion limit could be acknowledged
+here and then fail in every worker, or fail here with a 500."""
+TOO_DEEP = f"body nests arrays and objects deeper than {MAX_DEPTH} levels"
+_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+
+
+def _too_deep(body: bytes) -> bool:
+    """Whether a valid JSON body nests deeper than MAX_DEPTH. Escaped backslashes and quotes go
+    first, so the quotes left delimit strings; the brackets outside them are kept and one level of
+    innermost pairs is removed per pass."""
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return False
+    if b"\\" in body:
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Adjacent quotes hold nothing: dropping them keeps every other quote's parity.
+    structure = body.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in structure:
+        structure = b"".join(structure.split(b'"')[::2])
+    nesting = structure.translate(_PARENS)
+    for _ in range(MAX_DEPTH):
+        if not nesting:
+            return False
+        nesting = nesting.replace(b"()", b"")
+    return bool(nesting)
+
 
 def parse(body: bytes, received_ms: int) -> list[Routed]:
-    """Every event in the body, in order. Raises BadRequest only for a body that is no envelope."""
+    """Every event in the body, in order. Raises BadRequest only for a body that is no envelope
+    (or nests deeper than MAX_DEPTH)."""
     try:
-        envelope = _fast_decoder.decode(body)
-    except msgspec.ValidationError:
-        return _parse_lenient(body, received_ms)
-    except msgspec.DecodeError:
+        return _parse(body, received_ms)
+    except UnicodeDecodeError:  # msgspec's error for invalid UTF-8 inside a string
         raise BadRequest(NOT_JSON) from None
+
+
+def _parse(body: bytes, received_ms: int) -> list[Routed]:
+    envelope = _decode_envelope(body)
+    if envelope is None:
+        return _parse_lenient(body, received_ms)
     out: list[Routed] = []
     for entry in envelope.entry:
         page = None if entry.id is None else str(entry.id)
@@ -82,6 +116,22 @@ def parse(body: bytes, received_ms: int) -> list[Routed]:
                     if _is_messaging_item(value):
                         out.append(_route(change.value, value, "messaging", page, received_ms))
     return out
+
+
+def _decode_envelope(body: bytes) -> _Envelope | None:
+    """The typed envelope, or None when its shapes are odd (the lenient path reads it then)."""
+    envelope: _Envelope | None = None
+    try:
+        envelope = _fast_decoder.decode(body)
+    except msgspec.ValidationError:
+        pass
+    except msgspec.DecodeError:
+        raise BadRequest(NOT_JSON) from None
+    except RecursionError:
+        raise BadRequest(TOO_DEEP) from None
+    if _too_deep(body):
+        raise BadRequest(TOO_DEEP)
+    return envelope
 
 
 def _is_messaging_item(value: Any) -> bool:
