@@ -82,8 +82,7 @@ async def receive(request: web.Request) -> web.Response:
     status = outcome.response.status
     metrics.count_request(status)
     if outcome.reason is None:
-        for event in outcome.events:
-            metrics.count_event(event.kind, event.channel)
+        metrics.count_events(outcome.events)
     else:
         metrics.REJECTED[outcome.reason].inc()
     level = logging.DEBUG if status < 300 else logging.WARNING if status >= 500 else logging.INFO

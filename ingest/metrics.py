@@ -7,11 +7,15 @@ scrape time. Each ingest process exposes only its own counters on its own `/metr
 from __future__ import annotations
 
 import time
-from typing import Final
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.kinds import KINDS
+
+if TYPE_CHECKING:
+    from ingest.envelope import Routed
 
 STATUSES: Final = (200, 400, 403, 413, 415, 503)
 """Every status POST /webhook answers with."""
@@ -95,6 +99,19 @@ def count_request(status: int) -> None:
     (child if child is not None else REQUESTS.labels(str(status))).inc()
 
 
-def count_event(kind: str, channel: str) -> None:
+def count_event(kind: str, channel: str, n: int = 1) -> None:
     child = EVENTS_BY_KIND.get((kind, channel))
-    (child if child is not None else EVENTS.labels(kind, channel)).inc()
+    (child if child is not None else EVENTS.labels(kind, channel)).inc(n)
+
+
+def count_events(events: Sequence[Routed]) -> None:
+    """Count a request's events by kind and channel: one increment per pair, not per event."""
+    if len(events) == 1:
+        count_event(events[0].kind, events[0].channel)
+        return
+    pairs: dict[tuple[str, str], int] = {}
+    for event in events:
+        pair = (event.kind, event.channel)
+        pairs[pair] = pairs.get(pair, 0) + 1
+    for (kind, channel), n in pairs.items():
+        count_event(kind, channel, n)
