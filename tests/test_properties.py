@@ -1,0 +1,183 @@
+"""Properties of the decoder and the endpoint over generated bodies (hypothesis).
+
+- `ingest.envelope.parse` never raises anything but BadRequest, whatever the bytes.
+- The endpoint never answers 500; what it accepts comes out the other side: after a worker drain
+  there is one stream entry per distinct dedupe id that `parse` returned.
+- A correctly signed body with an `entry` list is accepted whatever its items hold, and every
+  item is routed.
+
+Redis is flushed at the start of every example; example counts stay modest to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from ingest.envelope import parse
+from shared.codec import decode_event
+from shared.errors import BadRequest
+from shared.kinds import EVENT_KEYS, KINDS
+from tests.conftest import Post, stream_rows
+
+EXAMPLES = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+json_values = st.recursive(
+    scalars,
+    lambda children: (st.lists(children, max_size=4)
+                      | st.dictionaries(st.text(max_size=8), children, max_size=4)),
+    max_leaves=16,
+)
+ids = st.none() | st.text(max_size=6) | st.integers(min_value=0, max_value=2**63 - 1)
+
+
+@st.composite
+def items(draw: st.DrawFn) -> Any:
+    """Mostly item-shaped objects (one event key with random content), sometimes anything."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(json_values)
+    item: dict[str, Any] = {}
+    if draw(st.booleans()):
+        item["sender"] = draw(st.fixed_dictionaries({"id": ids}) | json_values)
+    if draw(st.booleans()):
+        item["recipient"] = {"id": draw(ids)}
+    if draw(st.booleans()):
+        item["timestamp"] = draw(st.integers(0, 2**53) | st.text(max_size=14) | json_values)
+    key = draw(st.sampled_from([*EVENT_KEYS, "message_request", "brand_new"]))
+    item[key] = draw(st.dictionaries(
+        st.sampled_from(["mid", "text", "payload", "ref", "source", "ad_id", "is_echo",
+                         "referral", "title", "watermark", "ads_context_data", "x"]),
+        json_values, max_size=5))
+    item.update(draw(st.dictionaries(st.text(max_size=5), json_values, max_size=2)))
+    return item
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> Any:
+    if draw(st.integers(0, 5)) == 0:
+        return draw(json_values)
+    entry: dict[str, Any] = {"id": draw(ids | json_values), "time": draw(json_values)}
+    for channel in ("messaging", "standby"):
+        if draw(st.booleans()):
+            entry[channel] = draw(st.lists(items(), max_size=4) | items())
+    if draw(st.integers(0, 3)) == 0:
+        entry["changes"] = draw(st.lists(
+            st.fixed_dictionaries({"field": st.just("messages"), "value": items()})
+            | json_values, max_size=3))
+    return entry
+
+
+envelopes = st.fixed_dictionaries(
+    {"entry": st.lists(entries(), max_size=4)},
+    optional={"object": st.sampled_from(["page", "instagram"]) | json_values},
+)
+NUMBERS = ["1e400", "-1e400", "1.5e-400", "123456789012345678901234567890", "-0", "1E2", "0.0"]
+
+
+@st.composite
+def raw_token_bodies(draw: st.DrawFn) -> bytes:
+    """A well-formed envelope whose item holds a number literal json.dumps never writes (out of
+    range, huge) and a string of raw bytes that may not be UTF-8."""
+    item = draw(items())
+    item = {**item, "n": "@@NUM@@", "s": "@@RAW@@"} if isinstance(item, dict) else {
+        "n": "@@NUM@@", "s": "@@RAW@@"}
+    text = json.dumps({"object": "page", "entry": [{"id": "p", "messaging": [item]}]}).encode()
+    raw = draw(st.binary(max_size=6).filter(lambda b: b'"' not in b and b"\\" not in b))
+    text = text.replace(b'"@@NUM@@"', draw(st.sampled_from(NUMBERS)).encode(), 1)
+    return text.replace(b"@@RAW@@", raw, 1)
+
+
+bodies = (
+    envelopes.map(lambda e: json.dumps(e).encode())
+    | raw_token_bodies()
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | st.binary(max_size=200)
+    | envelopes.map(lambda e: json.dumps(e).encode()).flatmap(
+        lambda b: st.integers(0, max(len(b) - 1, 0)).map(lambda n: b[:n]))
+)
+
+
+@EXAMPLES
+@given(body=bodies | raw_token_bodies())
+def test_parse_raises_nothing_but_bad_request(body: bytes) -> None:
+    try:
+        events = parse(body, 1_700_000_000_000)
+    except BadRequest:
+        return
+    for event in events:
+        assert event.kind in KINDS
+        queued = decode_event(event.blob)
+        assert queued.id == event.id
+        assert queued.channel in ("messaging", "standby", "entry")
+
+
+@EXAMPLES
+@given(envelope=envelopes)
+def test_parse_accepts_every_envelope_with_an_entry_list(envelope: dict[str, Any]) -> None:
+    events = parse(json.dumps(envelope).encode(), 1_700_000_000_000)
+    assert len(events) >= routable_items(envelope)
+
+
+def routable_items(envelope: dict[str, Any]) -> int:
+    """How many items the envelope holds in `messaging`/`standby` (a non-list counts as one)."""
+    count = 0
+    for entry in envelope["entry"]:
+        if not isinstance(entry, dict):
+            count += 1
+            continue
+        for channel in ("messaging", "standby"):
+            value = entry.get(channel)
+            if isinstance(value, list):
+                count += len(value)
+            elif value is not None:
+                count += 1
+    return count
+
+
+async def post_and_drain(body: bytes, post: Post, drain: Any, redis: Redis) -> tuple[int, set[str]]:
+    await redis.flushall()
+    response = await post(None, raw=body)
+    assert response.status != 500, await response.text()
+    if response.status != 200:
+        return response.status, set()
+    await drain()
+    return 200, {e.id for e in parse(body, 0)}
+
+
+@EXAMPLES
+@given(body=bodies | raw_token_bodies())
+async def test_endpoint_never_500s_and_everything_accepted_comes_out(
+    body: bytes, post: Post, drain: Any, redis: Redis
+) -> None:
+    status, expected = await post_and_drain(body, post, drain, redis)
+    assert status in (200, 400)
+    rows = await stream_rows(redis)
+    assert len(rows) == len(expected)
+    assert {r["id"] for r in rows} == expected
+
+
+@EXAMPLES
+@given(envelope=envelopes)
+async def test_odd_but_signed_envelopes_are_accepted_and_every_item_routed(
+    envelope: dict[str, Any], post: Post, drain: Any, redis: Redis
+) -> None:
+    body = json.dumps(envelope).encode()
+    status, expected = await post_and_drain(body, post, drain, redis)
+    assert status == 200
+    assert len(expected) >= min(1, routable_items(envelope))
+    rows = await stream_rows(redis)
+    assert sorted(r["id"] for r in rows) == sorted(expected)
+    assert await redis.zcard("fb:queue") == 0
+    assert await redis.xlen("fb:dead") == 0
+    for row in rows:
+        event = msgspec.json.decode(row["event"])
+        assert event["id"] == row["id"] and event["kind"] == row["kind"]
