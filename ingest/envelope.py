@@ -38,6 +38,19 @@ class _Envelope(msgspec.Struct):
     entry: list[_Entry]
 
 
+class _MidHead(msgspec.Struct):
+    mid: str | int | None = None
+    is_echo: Any = None
+
+
+class _Head(msgspec.Struct):
+    """A typed glance at an item: enough to route a message or postback that has a mid (most
+    traffic) without building the item as Python objects."""
+
+    message: _MidHead | None = None
+    postback: _MidHead | None = None
+
+
 class Routed(NamedTuple):
     """One event ready for the queue: its dedupe id, its kind (the job function) and its bytes
     (the first three go to Redis), then where it was, for metrics and the request's log line."""
@@ -50,6 +63,7 @@ class Routed(NamedTuple):
 
 
 _fast_decoder = msgspec.json.Decoder(_Envelope)
+_head_decoder = msgspec.json.Decoder(_Head)
 _any_decoder = msgspec.json.Decoder()
 _canonical = msgspec.json.Encoder(order="sorted").encode
 _plain = msgspec.json.Encoder().encode
@@ -91,8 +105,13 @@ def parse(body: bytes, received_ms: int) -> list[Routed]:
     """Every event in the body, in order. Raises BadRequest only for a body that is no envelope
     (or nests deeper than MAX_DEPTH)."""
     try:
+        # JSON is UTF-8: checked once for the whole body, since items kept raw (and the fields
+        # a typed glance skips) are not decoded here.
+        body.decode()
         return _parse(body, received_ms)
-    except UnicodeDecodeError:  # msgspec's error for invalid UTF-8 inside a string
+    except (UnicodeDecodeError, msgspec.DecodeError):
+        # An item the fast path kept raw fails to decode: invalid UTF-8 inside a string, or a
+        # number out of range (1e400), which the lenient path refuses the same way.
         raise BadRequest(NOT_JSON) from None
 
 
@@ -105,10 +124,10 @@ def _parse(body: bytes, received_ms: int) -> list[Routed]:
         page = None if entry.id is None else str(entry.id)
         if entry.messaging:
             for raw in entry.messaging:
-                out.append(_route(raw, _any_decoder.decode(raw), "messaging", page, received_ms))
+                out.append(_route_raw(raw, "messaging", page, received_ms))
         if entry.standby:
             for raw in entry.standby:
-                out.append(_route(raw, _any_decoder.decode(raw), "standby", page, received_ms))
+                out.append(_route_raw(raw, "standby", page, received_ms))
         if entry.changes:
             for change in entry.changes:
                 if change.value is not None:
@@ -167,6 +186,27 @@ def _parse_lenient(body: bytes, received_ms: int) -> list[Routed]:
                 raw = msgspec.Raw(_plain(value))
                 out.append(_route(raw, value, "messaging", page, received_ms))
     return out
+
+
+def _route_raw(raw: msgspec.Raw, channel: str, page: str | None, now: int) -> Routed:
+    """Route an item kept as raw JSON: the typed glance when it is a message or postback with a
+    mid, else the item decoded to plain values. Both give the same kind and id."""
+    try:
+        head = _head_decoder.decode(raw)
+    except msgspec.ValidationError:
+        head = None
+    if head is not None:
+        body, kind = head.message, "message"
+        if body is None:
+            body, kind = head.postback, "postback"
+        elif body.is_echo is True:
+            kind = "message_echo"
+        mid = None if body is None else body.mid
+        if mid is not None and mid != "":
+            event_id = f"{kind}:{mid}"
+            blob = encode_event(QueuedEvent(event_id, channel, page, now, raw))
+            return Routed(event_id, kind, blob, channel, page)
+    return _route(raw, _any_decoder.decode(raw), channel, page, now)
 
 
 def _route(raw: msgspec.Raw, item: Any, channel: str, page: str | None, now: int) -> Routed:
