@@ -9,6 +9,7 @@ hash per day of the range; the API (`GET /report`) and command-line tools call `
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Final
 
 import msgspec
@@ -90,7 +91,15 @@ def parse_range(start: str | None, end: str | None, today: dt.date | None = None
 
 def day_of(timestamp_ms: int) -> str:
     """The UTC day of a timestamp in ms, YYYY-MM-DD: the day a touch is counted on."""
-    return dt.datetime.fromtimestamp(timestamp_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+    return _day(timestamp_ms // 86_400_000)
+
+
+@functools.lru_cache(maxsize=1024)
+def _day(days_since_epoch: int) -> str:
+    return (_EPOCH + dt.timedelta(days=days_since_epoch)).isoformat()
+
+
+_EPOCH = dt.date(1970, 1, 1)
 
 
 async def build_report(redis: Redis, first: dt.date, last: dt.date,
