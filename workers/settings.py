@@ -37,7 +37,7 @@ def health_check_key(settings: Settings) -> str:
 
 OUTAGE_RETRIES = 40
 """A Redis command that fails to connect or loses its connection is tried again this many times,
-with a backoff growing to 1 s (about 35 s in all): a Redis restart pauses the worker. Without it
+with a backoff growing to 1 s (about 40 s in all): a Redis restart pauses the worker. Without it
 arq's poll loop raises and the worker process exits."""
 
 
