@@ -4,10 +4,11 @@
 
 Starts its own Redis (AOF on, appendfsync always) on a free port, `python -m ingest` and two
 `python -m workers`, and drives signed webhooks at a steady rate. A third of the way in it
-SIGKILLs one worker and starts a replacement; two thirds in it SIGKILLs Redis and starts it again
-from its AOF. When the load ends it waits for the queue to drain and prints what was sent,
-acknowledged and processed, what was lost and what took effect twice. It exits 1 if anything
-acknowledged was lost or took effect twice. Never touches the Redis on port 6379.
+SIGKILLs one worker while it holds a job (frozen with SIGSTOP until it does) and starts a
+replacement; two thirds in it SIGKILLs Redis and starts it again from its AOF. When the load
+ends it waits for the queue to drain and prints what was sent, acknowledged and processed, what
+was lost and what took effect twice. It exits 1 if anything acknowledged was lost or took effect
+twice. Never touches the Redis on port 6379.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from redis.asyncio import Redis  # noqa: E402
 from tests.processes import (  # noqa: E402
     QUEUE,
     Sent,
+    Service,
     attribution_counts,
     in_progress,
     message_item,
@@ -71,28 +73,46 @@ async def wait_drained(redis: Redis, expected: set[str], limit_s: float) -> floa
     return time.monotonic() - started
 
 
+async def claims(redis: Redis) -> set[bytes]:
+    return {key async for key in redis.scan_iter("arq:in-progress:*")}
+
+
+async def kill_mid_job(worker: Service, redis: Redis) -> int:
+    """SIGKILL the worker while it holds a job: freeze it (SIGSTOP); claims that last 0.3 s are
+    its own, since the live worker's jobs take milliseconds. None: let it run a moment, retry."""
+    held: set[bytes] = set()
+    for _ in range(40):
+        worker.signal(signal.SIGSTOP)
+        await asyncio.sleep(0.15)
+        first = await claims(redis)
+        await asyncio.sleep(0.15)
+        held = first & await claims(redis)
+        if held:
+            break
+        worker.signal(signal.SIGCONT)
+        await asyncio.sleep(0.05)
+    worker.signal(signal.SIGKILL)
+    worker.wait(10)
+    return len(held)
+
+
 async def soak(seconds: float, rate: float, per_request: int, log_dir: Path) -> int:
     batches = plan(seconds, rate, per_request)
-    with redis_server(appendonly=True) as rp, services(rp.url, log_dir) as svc:
+    # Small jobs (JOB_MAX_EVENTS=4): many of them, so that a worker is often mid-job.
+    with redis_server(appendonly=True) as rp, services(rp.url, log_dir, JOB_MAX_EVENTS="4") as svc:
         redis = Redis.from_url(rp.url, socket_timeout=5)
         ingest = svc.ingest()
         doomed = svc.worker()
         svc.worker()
-        print(f"soak: {seconds:.0f} s at {rate:.0f} requests/s x {per_request} events, "
-              f"2 workers, Redis AOF appendfsync always, JOB_TIMEOUT_SECONDS=3", flush=True)
+        print(f"soak: {seconds:.0f} s at {rate:.0f} requests/s x {per_request} events, 2 workers, "
+              "Redis AOF appendfsync always, JOB_TIMEOUT_SECONDS=3, JOB_MAX_EVENTS=4", flush=True)
         started = time.monotonic()
         load = asyncio.create_task(send_load(ingest.url, batches, concurrency=16, rate=rate))
 
         await asyncio.sleep(seconds / 3)
-        for _ in range(2000):  # kill while some job is claimed, so that one may be orphaned
-            if await in_progress(redis):
-                break
-        doomed.signal(signal.SIGKILL)
-        doomed.wait(10)
-        await asyncio.sleep(0.5)
-        orphaned = await in_progress(redis)  # the live worker's claims last milliseconds
+        orphaned = await kill_mid_job(doomed, redis)
         replacement = svc.worker()
-        log(started, f"SIGKILL worker pid {doomed.pid} ({orphaned} jobs left claimed by it); "
+        log(started, f"SIGKILL worker pid {doomed.pid} in the middle of {orphaned} jobs; "
                      f"started worker pid {replacement.pid}")
 
         await asyncio.sleep(seconds / 3)
