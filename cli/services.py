@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
-
-from shared.errors import ConfigError
-from shared.logs import setup_logging
-from shared.settings import Settings
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,25 +43,4 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_worker(args: argparse.Namespace) -> int:
     from workers.__main__ import main
 
-    if not args.burst:
-        return main(["--check"] if args.check else [])
-    # `python -m workers` has no burst mode: this is its start-up, with `burst=True`.
-    try:
-        settings = Settings.from_env()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(settings)
-    try:
-        import uvloop
-
-        asyncio.set_event_loop(uvloop.new_event_loop())
-    except ImportError:  # pragma: no cover - uvloop is not on Windows
-        asyncio.set_event_loop(asyncio.new_event_loop())
-    from arq.worker import Worker
-
-    import workers.handlers  # noqa: F401 - registers the project's own handlers
-    from workers.settings import worker_settings
-
-    Worker(**worker_settings(settings), burst=True).run()
-    return 0
+    return main(["--check"] if args.check else ["--burst"] if args.burst else [])

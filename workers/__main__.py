@@ -59,8 +59,11 @@ def serve_metrics(settings: Settings) -> WSGIServer | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
-    parser.add_argument("--check", action="store_true",
-                        help="exit 0 if this host's worker is alive, 1 if not")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="exit 0 if this host's worker is alive, 1 if not")
+    mode.add_argument("--burst", action="store_true",
+                      help="process what is queued, then exit")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -81,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     import workers.handlers  # noqa: F401 - registers the project's own handlers
     from workers.settings import worker_settings
 
+    if args.burst:
+        Worker(**worker_settings(settings), burst=True).run()
+        return 0
     serve_metrics(settings)
     while True:
         try:
