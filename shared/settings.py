@@ -6,36 +6,35 @@ import contextlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 from shared.errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def _int(lo: int, hi: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
+N = TypeVar("N", int, float)
+
+
+def _number(cast: Callable[[str], N], what: str, lo: N, hi: N) -> Callable[[str, str], N]:
+    def parse(name: str, raw: str) -> N:
         try:
-            value = int(raw)
+            value = cast(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+            raise ConfigError(f"{name} must be {what}, got {raw!r}") from None
         if not lo <= value <= hi:
             raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
         return value
 
     return parse
+
+
+def _int(lo: int, hi: int) -> Callable[[str, str], int]:
+    return _number(int, "a whole number", lo, hi)
 
 
 def _float(lo: float, hi: float) -> Callable[[str, str], float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-        if not lo <= value <= hi:
-            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
-        return value
-
-    return parse
+    return _number(float, "a number", lo, hi)
 
 
 def _secrets(name: str, raw: str) -> tuple[bytes, ...]:
