@@ -15,10 +15,11 @@ failure of its event), and a job still running at `GUARD_SHARE` of it hands itse
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -46,7 +47,6 @@ class Runtime:
 
     settings: Settings
     effects: Effects
-    processed: dict[str, int] = field(default_factory=dict)
 
 
 HANDLER_SHARE = 0.5
@@ -128,9 +128,7 @@ async def run_batch(ctx: dict[str, Any], kind: str, blobs: list[str]) -> int:
     finally:
         _record(ctx, kind, blobs, events, codes, len(failures), outcome, error,
                 time.perf_counter() - started)
-    written = len(codes) - codes.count(SKIPPED)
-    runtime.processed[kind] = runtime.processed.get(kind, 0) + written
-    return written
+    return len(codes) - codes.count(SKIPPED)
 
 
 def _decode(kind: str, blobs: list[str]) -> tuple[list[Event], dict[str, str], dict[str, str]]:
@@ -142,8 +140,9 @@ def _decode(kind: str, blobs: list[str]) -> tuple[list[Event], dict[str, str], d
         try:
             queued = decode_event(blob)
         except msgspec.DecodeError as exc:
-            failures[f"undecodable:{hash(blob) & 0xFFFFFFFF:x}"] = f"undecodable event: {exc}"
-            payloads[f"undecodable:{hash(blob) & 0xFFFFFFFF:x}"] = blob
+            key = "undecodable:" + hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+            failures[key] = f"undecodable event: {exc}"
+            payloads[key] = blob
             continue
         event = normalize(_kind_for(kind, queued), queued)
         events.append(event)
