@@ -1,15 +1,17 @@
 """Puts events on Redis: the events of concurrent requests share one Lua call.
 
-Requests that arrive while calls are in flight gather in an open batch; the batch goes out in one
-round trip as soon as one of `IN_FLIGHT` call slots is free, so the ingest prepares the next batch
-while Redis runs the last. Each request waits for the call that carries its events and is
-acknowledged only when Redis has them, so coalescing costs no guarantee. One timer per batch (not
-per request) answers its requests with QueueUnavailable when Redis has not taken them in time.
+Requests that arrive while calls are in flight gather in an open batch (closed at
+`BATCH_EVENTS`); a batch goes out in one round trip as soon as one of `IN_FLIGHT` call slots is
+free, so the ingest prepares the next batch while Redis runs the last. Each request waits for the
+call that carries its events and is acknowledged only when Redis has them, so coalescing costs no
+guarantee. One timer per batch (not per request) answers its requests with QueueUnavailable when
+Redis has not taken them in time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import time
@@ -22,7 +24,7 @@ from redis.asyncio import Redis
 from ingest import metrics
 from ingest.envelope import Routed
 from shared import keys
-from shared.codec import JOB_TTL_MS
+from shared.codec import JOB_TTL_MS, arq_job
 from shared.errors import QueueUnavailable
 from shared.settings import Settings
 
@@ -31,6 +33,11 @@ ENQUEUE_LUA = resources.files("ingest").joinpath("enqueue.lua").read_text()
 IN_FLIGHT = 2
 """Enqueue calls on the wire at once: two keep both the ingest and Redis busy."""
 
+BATCH_EVENTS = 400
+"""A batch holding this many events is closed and the next requests start another: with one
+huge batch, Redis runs it while the ingest waits, then the ingest reads the next requests while
+Redis waits; with several, one is parsed while Redis runs the other."""
+
 _pack = msgspec.msgpack.Encoder().encode
 
 
@@ -38,7 +45,7 @@ class _Batch:
     __slots__ = ("events", "timer", "waiters")
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, str, str]] = []
+        self.events: list[Routed] = []
         self.waiters: list[asyncio.Future[None]] = []
         self.timer: asyncio.TimerHandle | None = None
 
@@ -56,6 +63,7 @@ class Enqueuer:
         self._id_prefix = os.urandom(6).hex()
         self._batch_ids = itertools.count()
         self._open: _Batch | None = None
+        self._full: collections.deque[_Batch] = collections.deque()
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -67,27 +75,33 @@ class Enqueuer:
             batch = self._open = _Batch()
             batch.timer = loop.call_later(self._deadline_s, self._expire, batch)
             if self._in_flight < IN_FLIGHT:
-                loop.call_soon(self._send_open)  # after this loop pass: let others join
-        # Redis's Lua MessagePack decoder knows str but not bin: the event goes as text.
-        batch.events += [(e.id, e.kind, e.blob.decode()) for e in events]
+                loop.call_soon(self._send_next)  # after this loop pass: let others join
+        batch.events += events
+        if len(batch.events) >= BATCH_EVENTS:
+            self._full.append(batch)
+            self._open = None
         waiter: asyncio.Future[None] = loop.create_future()
         batch.waiters.append(waiter)
         await waiter
 
-    def _send_open(self) -> None:
-        batch, self._open = self._open, None
-        if batch is None:
-            return
-        self._in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _send_next(self) -> None:
+        """Send full batches first, then the open one, while a call slot is free."""
+        while self._in_flight < IN_FLIGHT:
+            if self._full:
+                batch = self._full.popleft()
+            elif self._open is not None:
+                batch, self._open = self._open, None
+            else:
+                return
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: _Batch) -> None:
         started = time.perf_counter()
         try:
-            new = await self._script(args=[*self._header, *self._batch_header(),
-                                           _pack(batch.events)])
+            new = await self._script(args=[*self._header, *self._args(batch.events)])
         except Exception as exc:  # noqa: BLE001 - any Redis failure means "not queued"
             metrics.ENQUEUE_FAILURES.inc()
             _fail(batch, QueueUnavailable(f"Redis refused the events: {type(exc).__name__}"))
@@ -104,8 +118,7 @@ class Enqueuer:
             if batch.timer is not None:
                 batch.timer.cancel()
             self._in_flight -= 1
-            if self._open is not None:
-                self._send_open()
+            self._send_next()
 
     def _expire(self, batch: _Batch) -> None:
         """The batch's deadline passed: its requests are answered 503 (Facebook will retry).
@@ -113,11 +126,30 @@ class Enqueuer:
         duplicate that the dedupe check drops."""
         if self._open is batch:
             self._open = None
+        elif batch in self._full:
+            self._full.remove(batch)
         _fail(batch, QueueUnavailable("Redis did not answer in time"))
 
-    def _batch_header(self) -> tuple[Any, ...]:
-        job_prefix = f"{self._id_prefix}{next(self._batch_ids):x}-"
-        return (job_prefix, int(time.time() * 1000), JOB_TTL_MS, self._max_events)
+    def _args(self, events: list[Routed]) -> list[Any]:
+        """The script's arguments after the fixed header: the job-id prefix, the time, the job
+        TTL, the events' ids with their place in the jobs, then the jobs, prebuilt here (Redis
+        then only rebuilds a job that held a duplicate)."""
+        now = int(time.time() * 1000)
+        open_jobs: dict[str, tuple[int, list[str]]] = {}
+        jobs: list[tuple[str, list[str]]] = []
+        places: list[tuple[str, int, int]] = []
+        for event in events:
+            current = open_jobs.get(event.kind)
+            if current is None or len(current[1]) >= self._max_events:
+                jobs.append((event.kind, []))
+                current = open_jobs[event.kind] = (len(jobs), jobs[-1][1])
+            number, members = current
+            # Redis's Lua MessagePack decoder knows str but not bin: events travel as text.
+            members.append(event.blob.decode())
+            places.append((event.id, number, len(members)))
+        prefix = f"{self._id_prefix}{next(self._batch_ids):x}-"
+        bodies = [arq_job(kind, members, now) for kind, members in jobs]
+        return [prefix, now, JOB_TTL_MS, _pack(places), *bodies]
 
 
 def _fail(batch: _Batch, error: QueueUnavailable) -> None:

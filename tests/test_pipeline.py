@@ -170,3 +170,25 @@ async def test_streams_are_capped(post: Post, redis: Redis, settings: Settings) 
     await worker.close()
     # MAXLEN ~ trims whole radix-tree nodes (100 entries each), so the length stays near the cap.
     assert 100 <= await redis.xlen(keys.stream("message")) <= 200
+
+
+async def test_a_job_holding_duplicates_keeps_only_the_new_events(
+    post: Post, drain: Any, redis: Redis
+) -> None:
+    """Ingest prebuilds each job; Redis drops the duplicates from it (or the whole job)."""
+    import msgspec
+
+    await post(p.body(p.text_message(mid="m1"), p.text_message(mid="m2"), p.read_event()))
+    await drain()
+    mixed = p.body(
+        p.text_message(mid="m1"), p.text_message(mid="m3"), p.read_event(),
+        p.text_message(mid="m2"), p.text_message(mid="m4"), p.text_message(mid="m3"),
+    )
+    assert (await post(mixed)).status == 200
+    jobs = [msgspec.msgpack.decode(await redis.get(k)) async for k in redis.scan_iter("arq:job:*")]
+    assert [(j["f"], [json.loads(e)["id"] for e in j["k"]["events"]]) for j in jobs] == [
+        ("message", ["message:m3", "message:m4"])
+    ], "the read job was all duplicates and is not written"
+    await drain()
+    ids = sorted(r["id"] for r in await stream_rows(redis, "message"))
+    assert ids == ["message:m1", "message:m2", "message:m3", "message:m4"]
