@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from arq.worker import Worker
 from redis.asyncio import Redis
 
 from ingest.app import create_app
 from ingest.signature import sign
 from shared.settings import Settings
 from tests.redis_server import RedisProcess, redis_server
+from workers.claiming import ClaimingWorker as Worker
 from workers.settings import worker_settings
 
 SECRET = b"test-app-secret"

@@ -114,11 +114,17 @@ async def test_sigkill_worker_mid_load_loses_nothing_and_recovers_in_bound(
     async def busy() -> bool:
         return await processed_total(rclient) > 400 and await in_progress(rclient) > 0
 
-    await wait_until(busy, 30, "the first worker to be mid-job")
+    # Jobs take milliseconds: freeze the worker while it holds a claim, then kill it.
+    orphaned = 0
+    while not orphaned:
+        await wait_until(busy, 30, "the first worker to be mid-job")
+        first.signal(signal.SIGSTOP)
+        orphaned = await in_progress(rclient)
+        if not orphaned:
+            first.signal(signal.SIGCONT)
     first.signal(signal.SIGKILL)
     killed_at = time.monotonic()
     first.wait(5)
-    orphaned = await in_progress(rclient)
     svc.worker()
     sent = await load
 

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from arq.worker import Worker
 from redis.asyncio import Redis
 
 import workers.jobs
@@ -21,6 +20,7 @@ from shared.events import Event, Unknown
 from shared.settings import Settings
 from tests.conftest import Post, stream_rows
 from workers import registry
+from workers.claiming import ClaimingWorker as Worker
 from workers.deadletters import list_dead, purge, replay
 from workers.settings import worker_settings
 

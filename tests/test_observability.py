@@ -381,8 +381,7 @@ async def test_check_reports_this_hosts_worker(redis: Redis, settings: Settings,
 async def test_a_running_worker_writes_its_health_check_key(
     redis: Redis, settings: Settings,
 ) -> None:
-    from arq.worker import Worker
-
+    from workers.claiming import ClaimingWorker as Worker
     from workers.settings import worker_settings
 
     worker = Worker(**worker_settings(settings), handle_signals=False)

@@ -157,9 +157,8 @@ async def test_every_stream_entry_has_the_documented_fields(
 async def test_streams_are_capped(post: Post, redis: Redis, settings: Settings) -> None:
     from dataclasses import replace
 
-    from arq.worker import Worker
-
     from shared import keys
+    from workers.claiming import ClaimingWorker as Worker
     from workers.settings import worker_settings
 
     capped = replace(settings, stream_maxlen=100)

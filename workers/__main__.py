@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.set_event_loop(uvloop.new_event_loop())
     except ImportError:  # pragma: no cover
         asyncio.set_event_loop(asyncio.new_event_loop())
-    from arq.worker import Worker
-
     import workers.handlers  # noqa: F401 - registers the project's own handlers
+    from workers.claiming import ClaimingWorker as Worker
     from workers.settings import worker_settings
 
     if args.burst:
