@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from typing import Any, cast
+from urllib.parse import parse_qs, urlparse
 
 from arq.connections import RedisSettings
 from arq.worker import func
@@ -41,8 +42,17 @@ with a backoff growing to 1 s (about 40 s in all): a Redis restart pauses the wo
 arq's poll loop raises and the worker process exits."""
 
 
+TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+
+
 def redis_settings(settings: Settings) -> RedisSettings:
     rs = RedisSettings.from_dsn(settings.redis_url)
+    # arq reads only the host, port, password and db of the URL; the TLS options that redis-py
+    # takes from a rediss:// URL (the ingest's client) are carried over here.
+    query = parse_qs(urlparse(settings.redis_url).query)
+    for option in TLS_OPTIONS:
+        if option in query:
+            setattr(rs, option, query[option][-1])
     rs.conn_timeout = max(1, int(settings.redis_timeout_s + 0.999))
     rs.conn_retries = 60
     # OSError too: a refused connection is an OSError until redis-py wraps it.
