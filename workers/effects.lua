@@ -8,6 +8,10 @@
 --   {id, kind, channel, page id, sender, timestamp ms, event JSON, touch, touch JSON, day,
 --    ad title}
 --   where touch is a positional array (shared/attribution.py POSITIONS) or false.
+-- ARGV[12..] optional: the arq job these events came from, finished here once every write is
+--          made, as arq finishes it: its in-progress, retry and job keys, then the queue, the
+--          abort set and the job id. Outputs and the job's end are one atomic step, and the
+--          worker saves arq's separate round trip (each waits behind every queued Lua call).
 --
 -- An event whose seen key already says 'd' (done) is skipped, so a job that runs again after a
 -- crash writes nothing twice. Returns one code per event: 0 skipped, 1 written,
@@ -44,51 +48,94 @@ local function add_touch(key, touch)
   return record[1], history[1]
 end
 
--- Count a touch in its day's report hash: `new|source|ADS`, `ret|ref|<ref>`, `new|ad|<ad id>`.
--- A day's hash expires `retention` seconds after the day ends.
+-- A touch counted in its day's report hash: `new|source|ADS`, `ret|ref|<ref>`, `new|ad|<ad id>`.
+-- Counts are summed over the batch and written once per field (a campaign's touches share a
+-- handful of fields); a day's hash expires `retention` seconds after the day ends.
+local counts, expiry, titles = {}, {}, {}
+
+local function count(day_key, field)
+  local fields = counts[day_key]
+  if not fields then
+    fields = {}
+    counts[day_key] = fields
+  end
+  fields[field] = (fields[field] or 0) + 1
+end
+
 local function count_touch(day_key, touch, returning, title)
   local side = returning and 'ret|' or 'new|'
-  redis.call('HINCRBY', day_key, side .. 'source|' .. (touch[SOURCE] or ''), 1)
+  count(day_key, side .. 'source|' .. (touch[SOURCE] or ''))
   if touch[REF] then
-    redis.call('HINCRBY', day_key, side .. 'ref|' .. touch[REF], 1)
+    count(day_key, side .. 'ref|' .. touch[REF])
   end
   if touch[AD] then
-    redis.call('HINCRBY', day_key, side .. 'ad|' .. touch[AD], 1)
+    count(day_key, side .. 'ad|' .. touch[AD])
     if title then
-      redis.call('HSET', ad_titles, touch[AD], title)
+      titles[touch[AD]] = title
     end
   end
-  redis.call('EXPIREAT', day_key, math.floor(touch[T] / 86400000) * 86400 + 86400 + retention)
+  expiry[day_key] = math.floor(touch[T] / 86400000) * 86400 + 86400 + retention
 end
 
 local function null(value)
   return value or cjson.null
 end
 
+-- Each event is marked done as soon as its writes are made: should a write fail (a key of the
+-- wrong type, say), the events before it are done and the rest run again. The mark overwrites
+-- the one-letter state ingest set ('q', or 'x' for a replayed dead event) in place and keeps its
+-- dedupe window; only a state gone missing is set anew with the window.
 local out = {}
-for n, e in ipairs(cmsgpack.unpack(ARGV[11])) do
-  local id, kind, sender, touch = e[1], e[2], e[5], e[8]
-  local seen = seen_prefix .. id
-  if redis.call('GET', seen) == 'd' then
-    out[n] = 0
-  else
-    redis.call('XADD', stream_prefix .. kind, 'MAXLEN', '~', maxlen, '*',
-      'id', id, 'kind', kind, 'channel', e[3], 'page_id', e[4], 'sender', sender,
-      'timestamp', e[6], 'event', e[7])
-    out[n] = 1
-    if touch then
-      local count, last = add_touch(attr_prefix .. sender, touch)
-      out[n] = count > 1 and 3 or 2
-      count_touch(day_prefix .. e[10], touch, count > 1, e[11])
-      local vars = cjson.encode({
-        _fbRefSource = null(last[SOURCE]), _fbRefParam = null(last[REF]), _fbRefAdId = null(last[AD]),
-      })
-      redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
-        'user', sender, 'returning', count > 1 and '1' or '0', 'touches', count,
-        'touch', e[9], 'vars', vars)
+local function write_all()
+  for n, e in ipairs(cmsgpack.unpack(ARGV[11])) do
+    local id, kind, sender, touch = e[1], e[2], e[5], e[8]
+    local seen = seen_prefix .. id
+    local state = redis.call('GET', seen)
+    if state == 'd' then
+      out[n] = 0
+    else
+      redis.call('XADD', stream_prefix .. kind, 'MAXLEN', '~', maxlen, '*',
+        'id', id, 'kind', kind, 'channel', e[3], 'page_id', e[4], 'sender', sender,
+        'timestamp', e[6], 'event', e[7])
+      out[n] = 1
+      if touch then
+        local count, last = add_touch(attr_prefix .. sender, touch)
+        out[n] = count > 1 and 3 or 2
+        count_touch(day_prefix .. e[10], touch, count > 1, e[11])
+        local vars = cjson.encode({
+          _fbRefSource = null(last[SOURCE]), _fbRefParam = null(last[REF]),
+          _fbRefAdId = null(last[AD]),
+        })
+        redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
+          'user', sender, 'returning', count > 1 and '1' or '0', 'touches', count,
+          'touch', e[9], 'vars', vars)
+      end
+      if state then
+        redis.call('SETRANGE', seen, 0, 'd')
+      else
+        redis.call('SET', seen, 'd', 'EX', window)
+      end
     end
-    -- Marked done last: should a write above fail, the event is not marked and runs again.
-    redis.call('SET', seen, 'd', 'EX', window)
   end
+end
+
+-- The report counters of the events written are added even when a write fails part way.
+local ok, err = pcall(write_all)
+for day_key, fields in pairs(counts) do
+  for field, by in pairs(fields) do
+    redis.call('HINCRBY', day_key, field, by)
+  end
+  redis.call('EXPIREAT', day_key, expiry[day_key])
+end
+for ad, title in pairs(titles) do
+  redis.call('HSET', ad_titles, ad, title)
+end
+if not ok then
+  error(err)
+end
+if ARGV[12] then
+  redis.call('DEL', ARGV[12], ARGV[13], ARGV[14])
+  redis.call('ZREM', ARGV[15], ARGV[17])
+  redis.call('ZREM', ARGV[16], ARGV[17])
 end
 return out
