@@ -191,3 +191,22 @@ async def test_a_job_holding_duplicates_keeps_only_the_new_events(
     await drain()
     ids = sorted(r["id"] for r in await stream_rows(redis, "message"))
     assert ids == ["message:m1", "message:m2", "message:m3", "message:m4"]
+
+
+async def test_a_job_ends_in_the_call_that_writes_its_outputs(
+    post: Post, drain: Any, redis: Redis
+) -> None:
+    """The effects call also deletes the arq job and its queue entry, atomically with the
+    outputs; the worker then skips arq's own end-of-job transaction (one EXEC per job is
+    left: arq's start)."""
+    assert (await post(p.body(p.text_message(mid="end-1"), p.shortlink_referral()))).status == 200
+    jobs = await redis.zcard("fb:queue")
+    assert jobs == 2  # one job per kind
+    await redis.config_resetstat()
+    await drain()
+    assert await redis.zcard("fb:queue") == 0
+    assert [k async for k in redis.scan_iter("arq:*")] == []
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_exec"]["calls"] == jobs
+    assert len(await stream_rows(redis, "message")) == 1
+    assert len(await stream_rows(redis, "referral")) == 1

@@ -26,6 +26,19 @@ LOOK_AHEAD = 64
 
 
 class ClaimingWorker(Worker):
+    async def finish_job(self, job_id: str, finish: bool, result_data: bytes | None,
+                         result_timeout_s: float | None, keep_result_forever: bool,
+                         incr_score: int | None, keep_in_progress: float | None) -> None:
+        """arq's end of a job, unless the job's own effects call already made it (one atomic
+        call with the outputs: see workers/effects.lua)."""
+        runtime = self.ctx.get("fbhook")
+        if runtime is not None and job_id in runtime.finished:
+            runtime.finished.discard(job_id)
+            if result_data is None:
+                return
+        await super().finish_job(job_id, finish, result_data, result_timeout_s,
+                                 keep_result_forever, incr_score, keep_in_progress)
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Claim and start jobs while slots are free and jobs are ready (`job_ids`, what arq's
         poll read, only says whether to look)."""

@@ -6,6 +6,7 @@ from importlib import resources
 from typing import Any
 
 import msgspec
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
 from shared import keys
@@ -35,6 +36,17 @@ def _ad_title(touch: Touch) -> str | bool:
     return title if isinstance(title, str) and title else False
 
 
+class JobEnd:
+    """The keys arq deletes when a job finishes (`Worker.finish_job` with no result kept)."""
+
+    __slots__ = ("args", "job_id")
+
+    def __init__(self, job_id: str, queue_name: str) -> None:
+        self.job_id = job_id
+        self.args = (in_progress_key_prefix + job_id, retry_key_prefix + job_id,
+                     job_key_prefix + job_id, queue_name, abort_jobs_ss, job_id)
+
+
 class Effects:
     """Stream entries, attribution touches and referral notifications, exactly once in effect."""
 
@@ -46,9 +58,10 @@ class Effects:
             keys.SEEN_PREFIX, keys.STREAM_PREFIX, keys.ATTR_PREFIX, keys.REPORT_PREFIX,
         )
 
-    async def write(self, events: list[Event]) -> list[int]:
-        """One code per event: SKIPPED (already done), WRITTEN, NEW_USER or RETURNING_USER."""
-        if not events:
+    async def write(self, events: list[Event], finish: JobEnd | None = None) -> list[int]:
+        """One code per event: SKIPPED (already done), WRITTEN, NEW_USER or RETURNING_USER.
+        With `finish`, the arq job is finished in the same atomic call."""
+        if not events and finish is None:
             return []
         rows: list[tuple[Any, ...]] = []
         sources: list[str | None] = []
@@ -63,7 +76,8 @@ class Effects:
                 rows.append((*head, pack_touch(touch), _text(touch_dict(touch)),
                              day_of(touch.timestamp), _ad_title(touch)))
                 sources.append(touch.source)
-        codes = [int(c) for c in await self._script(args=[*self._header, _pack(rows)])]
+        tail = finish.args if finish is not None else ()
+        codes = [int(c) for c in await self._script(args=[*self._header, _pack(rows), *tail])]
         for code, source in zip(codes, sources, strict=True):
             if code >= NEW_USER:
                 metrics.count_touch(source, code == RETURNING_USER)

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -33,7 +33,7 @@ from shared.kinds import UNKNOWN, event_key
 from shared.settings import Settings
 from workers import metrics, registry
 from workers.deadletters import bury
-from workers.effects import NEW_USER, RETURNING_USER, SKIPPED, Effects
+from workers.effects import NEW_USER, RETURNING_USER, SKIPPED, Effects, JobEnd
 from workers.normalize import normalize
 
 log = logging.getLogger("fbhook.worker")
@@ -47,6 +47,8 @@ class Runtime:
 
     settings: Settings
     effects: Effects
+    finished: set[str] = field(default_factory=set)
+    """Jobs whose end the effects call already wrote (`ClaimingWorker.finish_job` skips them)."""
 
 
 HANDLER_SHARE = 0.5
@@ -95,7 +97,11 @@ async def run_batch(ctx: dict[str, Any], kind: str, blobs: list[str]) -> int:
         async with asyncio.timeout_at(now + timeout_s * GUARD_SHARE):
             done = await _run_handlers(ctx, redis, events, failures,
                                        now + timeout_s * HANDLER_SHARE)
-            codes = await runtime.effects.write(done)
+            end = JobEnd(ctx["job_id"], runtime.settings.queue_name) \
+                if not failures and "job_id" in ctx else None
+            codes = await runtime.effects.write(done, end)
+            if end is not None:
+                runtime.finished.add(end.job_id)
             if failures:
                 error = next(iter(failures.values())).partition(":")[0]
                 if job_try < runtime.settings.job_max_tries:
