@@ -92,7 +92,7 @@ class Settings:
     job_max_events: int = 500
     job_timeout_s: int = 60
     job_max_tries: int = 5
-    worker_max_jobs: int = 8
+    worker_max_jobs: int = 32
     worker_poll_delay_s: float = 0.05
     worker_metrics_port: int = 0
     watchdog_s: int = 900

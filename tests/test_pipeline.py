@@ -193,12 +193,12 @@ async def test_a_job_holding_duplicates_keeps_only_the_new_events(
     assert ids == ["message:m1", "message:m2", "message:m3", "message:m4"]
 
 
-async def test_a_job_ends_in_the_call_that_writes_its_outputs(
+async def test_a_job_starts_in_its_claim_and_ends_in_the_call_that_writes_its_outputs(
     post: Post, drain: Any, redis: Redis
 ) -> None:
-    """The effects call also deletes the arq job and its queue entry, atomically with the
-    outputs; the worker then skips arq's own end-of-job transaction (one EXEC per job is
-    left: arq's start)."""
+    """The claim reads the job and counts its try as arq's start transaction would, and the
+    effects call deletes the arq job and its queue entry atomically with the outputs: neither
+    of arq's per-job transactions is sent."""
     assert (await post(p.body(p.text_message(mid="end-1"), p.shortlink_referral()))).status == 200
     jobs = await redis.zcard("fb:queue")
     assert jobs == 2  # one job per kind
@@ -207,6 +207,30 @@ async def test_a_job_ends_in_the_call_that_writes_its_outputs(
     assert await redis.zcard("fb:queue") == 0
     assert [k async for k in redis.scan_iter("arq:*")] == []
     stats = await redis.info("commandstats")
-    assert stats["cmdstat_exec"]["calls"] == jobs
+    assert "cmdstat_exec" not in stats and "cmdstat_multi" not in stats
+    assert stats["cmdstat_evalsha"]["calls"] >= jobs + 1  # a claim, then one call per job
     assert len(await stream_rows(redis, "message")) == 1
     assert len(await stream_rows(redis, "referral")) == 1
+
+
+async def test_a_claim_reads_past_the_jobs_other_workers_are_running(redis: Redis) -> None:
+    """With many workers, the head of the queue holds every running job; a claim pages on
+    past them to the ready ones, and starts each (its body read, its try counted)."""
+    from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+    from workers import claiming
+
+    for n in range(300):
+        await redis.zadd("q-many", {f"j{n}": n})
+        await redis.set(job_key_prefix + f"j{n}", f"body{n}")
+    for n in range(250):  # running elsewhere
+        await redis.set(in_progress_key_prefix + f"j{n}", "1")
+    claim = redis.register_script(claiming.CLAIM_LUA)
+    claimed = await claim(args=[
+        "q-many", 10_000, 3, in_progress_key_prefix, 60_000, claiming.PAGE, job_key_prefix,
+        retry_key_prefix, claiming.RETRY_KEY_TTL_S, claiming.MOST])
+    assert claimed == [b"j250", b"250", b"body250", 1, b"j251", b"251", b"body251", 1,
+                       b"j252", b"252", b"body252", 1]
+    assert await redis.exists(in_progress_key_prefix + "j252") == 1
+    assert await redis.get(retry_key_prefix + "j250") == b"1"
+    assert 0 < await redis.ttl(retry_key_prefix + "j250") <= claiming.RETRY_KEY_TTL_S
