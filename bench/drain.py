@@ -1,0 +1,64 @@
+"""`python -m bench.drain`: only the backlog-drain measurement, one and two workers in turns.
+
+For tuning and A/B runs of the worker (`--env WORKER_MAX_JOBS=16`, another commit): it starts
+its own Redis and ingest as `python -m bench` does, prefills the same mixed backlog, resumes one
+or two workers and times the drain, `--rounds` times each, and prints every run (events/s, CPU
+shares, CPU us per event) and the ratio of the best two-worker run to the best one-worker run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.plan import QUICK
+from bench.procs import wait_http
+from bench.run import Bench
+from tests.redis_server import free_port, redis_server
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.drain", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the ingest and the workers (repeatable)")
+    args = parser.parse_args()
+    plan = dataclasses.replace(QUICK, events=args.events)
+    secret = os.urandom(16).hex()
+    extra = dict(item.split("=", 1) for item in args.env)
+    with redis_server() as server, tempfile.TemporaryDirectory(prefix="fbhook-drain-") as tmp:
+        env = {
+            "FB_APP_SECRET": secret, "FB_VERIFY_TOKEN": "bench-verify-token",
+            "API_TOKEN": "bench-api-token", "REDIS_URL": server.url, "INGEST_HOST": "127.0.0.1",
+            "LOG_LEVEL": "warning", "STREAM_MAXLEN": "1000000000", **extra,
+        }
+        bench = Bench(plan, server.url, server.process.pid, Path(tmp), secret.encode(), env)
+        port = free_port()
+        bench.ports["project"] = port
+        bench.servers["project"] = bench.procs.python("ingest", "-m", "ingest",
+                                                      env={"INGEST_PORT": str(port)})
+        best = {1: 0.0, 2: 0.0}
+        try:
+            wait_http(bench.servers["project"], port)
+            for _ in range(args.rounds):
+                for count in (1, 2):
+                    point = bench.project_drain(count)
+                    best[count] = max(best[count], float(point["events_per_s"]))
+                    print(f"{count} worker(s): {point['events_per_s']:>9,.0f} events/s  "
+                          f"CPU % {point['cpu_pct']}  CPU us/event "
+                          f"{point['cpu_us_per_event']}  outputs ok: {point['outputs_ok']}",
+                          flush=True)
+        finally:
+            bench.procs.stop_all()
+    print(f"best: 1 worker {best[1]:,.0f}, 2 workers {best[2]:,.0f} events/s: "
+          f"{best[2] / best[1]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
