@@ -16,7 +16,7 @@ from typing import Any
 from bench import report
 from bench.load import disable_wrk, generator_name
 from bench.plan import FULL, QUICK
-from bench.procs import REPO
+from bench.procs import REPO, service_env
 from bench.run import Bench
 from tests.redis_server import redis_server
 
@@ -36,11 +36,7 @@ def main() -> int:
     secret = os.environ.get("FB_APP_SECRET", "").split(",")[0] or os.urandom(16).hex()
     started = time.perf_counter()
     with redis_server() as server, tempfile.TemporaryDirectory(prefix="fbhook-bench-") as tmp:
-        env = {
-            "FB_APP_SECRET": secret, "FB_VERIFY_TOKEN": "bench-verify-token",
-            "API_TOKEN": "bench-api-token", "REDIS_URL": server.url, "INGEST_HOST": "127.0.0.1",
-            "LOG_LEVEL": "warning", "STREAM_MAXLEN": "1000000000",
-        }
+        env = service_env(secret, server.url)
         bench = Bench(plan, server.url, server.process.pid, Path(tmp), secret.encode(), env)
         bench.log(f"redis {server.url}, load generator: {generator_name()}, plan {plan.name}")
         try:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from bench.plan import QUICK
-from bench.procs import wait_http
+from bench.procs import service_env, wait_http
 from bench.run import Bench
 from tests.redis_server import free_port, redis_server
 
@@ -32,11 +32,7 @@ def main() -> int:
     secret = os.urandom(16).hex()
     extra = dict(item.split("=", 1) for item in args.env)
     with redis_server() as server, tempfile.TemporaryDirectory(prefix="fbhook-drain-") as tmp:
-        env = {
-            "FB_APP_SECRET": secret, "FB_VERIFY_TOKEN": "bench-verify-token",
-            "API_TOKEN": "bench-api-token", "REDIS_URL": server.url, "INGEST_HOST": "127.0.0.1",
-            "LOG_LEVEL": "warning", "STREAM_MAXLEN": "1000000000", **extra,
-        }
+        env = {**service_env(secret, server.url), **extra}
         bench = Bench(plan, server.url, server.process.pid, Path(tmp), secret.encode(), env)
         port = free_port()
         bench.ports["project"] = port

@@ -180,3 +180,14 @@ class CpuMeter:
         ours = sum(v for n, v in out.items() if n != "machine")
         out["other"] = max(0.0, out["machine"] - ours - 100 * generator_s / self.wall_s)
         return out
+
+
+def service_env(secret: str, redis_url: str) -> dict[str, str]:
+    """The environment the benchmark gives the ingest and the workers: only what they need,
+    every other setting at its default (streams uncapped, so that none is trimmed while it is
+    counted)."""
+    return {
+        "FB_APP_SECRET": secret, "FB_VERIFY_TOKEN": "bench-verify-token",
+        "API_TOKEN": "bench-api-token", "REDIS_URL": redis_url, "INGEST_HOST": "127.0.0.1",
+        "LOG_LEVEL": "warning", "STREAM_MAXLEN": "1000000000",
+    }

@@ -25,7 +25,7 @@ from redis import Redis
 
 from bench.load import start_closed
 from bench.payloads import Factory
-from bench.procs import REPO, Procs, wait_http, wait_idle
+from bench.procs import REPO, Procs, service_env, wait_http, wait_idle
 from shared import keys
 from tests.redis_server import free_port, redis_server
 
@@ -80,10 +80,7 @@ def main() -> int:
     raw = args.out / f"{args.what}.txt"
     with redis_server() as server, tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        procs = Procs(Path(tmp), {
-            "FB_APP_SECRET": secret, "FB_VERIFY_TOKEN": "bench-verify-token",
-            "API_TOKEN": "bench-api-token", "REDIS_URL": server.url, "INGEST_HOST": "127.0.0.1",
-            "INGEST_PORT": str(port), "LOG_LEVEL": "warning", "STREAM_MAXLEN": "1000000000"})
+        procs = Procs(Path(tmp), {**service_env(secret, server.url), "INGEST_PORT": str(port)})
         factory = Factory(secret.encode())
         try:
             ingest = procs.python("ingest", "-m", "ingest")

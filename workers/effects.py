@@ -58,10 +58,10 @@ class Effects:
             keys.SEEN_PREFIX, keys.STREAM_PREFIX, keys.ATTR_PREFIX, keys.REPORT_PREFIX,
         )
 
-    async def write(self, events: list[Event], finish: JobEnd | None = None) -> list[int]:
+    async def write(self, events: list[Event], end: JobEnd | None = None) -> list[int]:
         """One code per event: SKIPPED (already done), WRITTEN, NEW_USER or RETURNING_USER.
-        With `finish`, the arq job is finished in the same atomic call."""
-        if not events and finish is None:
+        With `end`, the arq job is ended in the same atomic call."""
+        if not events and end is None:
             return []
         rows: list[tuple[Any, ...]] = []
         sources: list[str | None] = []
@@ -76,7 +76,7 @@ class Effects:
                 rows.append((*head, pack_touch(touch), _text(touch_dict(touch)),
                              day_of(touch.timestamp), _ad_title(touch)))
                 sources.append(touch.source)
-        tail = finish.args if finish is not None else ()
+        tail = end.args if end is not None else ()
         codes = [int(c) for c in await self._script(args=[*self._header, _pack(rows), *tail])]
         for code, source in zip(codes, sources, strict=True):
             if code >= NEW_USER:
