@@ -234,3 +234,41 @@ async def test_a_claim_reads_past_the_jobs_other_workers_are_running(redis: Redi
     assert await redis.exists(in_progress_key_prefix + "j252") == 1
     assert await redis.get(retry_key_prefix + "j250") == b"1"
     assert 0 < await redis.ttl(retry_key_prefix + "j250") <= claiming.RETRY_KEY_TTL_S
+
+
+async def test_an_effects_call_is_sent_before_other_ready_tasks_run(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py's pool checks a connection out with a read that yields to the event loop, so a
+    command went out only after every ready task's next step: a worker's jobs all decoded first
+    and Redis waited. The effects call holds its connection and sends at once."""
+    import asyncio
+
+    from redis.asyncio.connection import Connection
+
+    from shared.codec import DecodedEvent
+    from workers.effects import Effects
+    from workers.normalize import normalize
+
+    order: list[str] = []
+    send = Connection.send_packed_command
+
+    async def recorded(self: Connection, command: Any, check_health: bool = True) -> None:
+        order.append("sent")
+        await send(self, command, check_health)
+
+    def event(n: int) -> Any:
+        return normalize("message", DecodedEvent(
+            f"message:at-once-{n}", "messaging", "PAGE", 1, p.text_message(mid=f"at-once-{n}")))
+
+    async def other() -> None:
+        order.append("other task")
+
+    effects = Effects(redis, settings)
+    await effects.write([event(0)])  # the first call connects
+    monkeypatch.setattr(Connection, "send_packed_command", recorded)
+    write = asyncio.create_task(effects.write([event(1)]))
+    await asyncio.gather(write, asyncio.create_task(other()))
+    assert order[:2] == ["sent", "other task"]
+    assert len(await stream_rows(redis, "message")) == 2
+    await effects.aclose()

@@ -95,3 +95,4 @@ async def test_a_write_failing_part_way_keeps_what_was_written_exactly_once(
     assert len(await stream_rows(redis, "message")) == 1
     assert len(await stream_rows(redis, "referral")) == 1
     assert (await redis.hgetall(keys.report_day(day)))[b"new|source|SHORTLINK"] == b"1"
+    await effects.aclose()

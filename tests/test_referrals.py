@@ -90,3 +90,4 @@ async def test_the_referrals_stream_is_capped_at_stream_maxlen(
         await effects.write(events[start:start + 250])
     length = await redis.xlen(keys.REFERRALS_STREAM)
     assert 100 <= length < 200  # MAXLEN ~ trims whole nodes: about the cap, never far above
+    await effects.aclose()

@@ -192,6 +192,7 @@ async def test_a_job_run_again_counts_a_touch_once(redis: Redis, settings: Setti
     report = await build_report(redis, D3, D3)
     assert report.totals.new == 1 and report.totals.returning == 0
     assert await redis.hgetall(keys.REPORT_ADS) == {b"6045246247433": b"Chunky peanut butter"}
+    await effects.aclose()
 
 
 class _Cells(HTMLParser):

@@ -22,6 +22,7 @@ from typing import Any
 
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.worker import Worker
+from redis.asyncio import Redis
 
 CLAIM_LUA = resources.files("workers").joinpath("claim.lua").read_text()
 
@@ -95,17 +96,26 @@ class ClaimingWorker(Worker):
         await super().finish_job(job_id, finish, result_data, result_timeout_s,
                                  keep_result_forever, incr_score, keep_in_progress)
 
+    async def close(self) -> None:
+        claimer: Redis | None = getattr(self, "_claimer", None)
+        if claimer is not None and self._pool is not None:
+            await claimer.aclose()
+        await super().close()
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Claim and start jobs while slots are free and jobs are ready (`job_ids`, what arq's
         poll read, only says whether to look)."""
         if not job_ids:
             return
-        claim = self.pool.register_script(CLAIM_LUA)
         if not hasattr(self, "_pool_pipeline"):
             if self.allow_abort_jobs:  # arq's start then also reads the abort set: not fused
                 raise ValueError("ClaimingWorker does not support allow_abort_jobs")
             self._pool_pipeline = self.pool.pipeline
             self.pool.pipeline = self._pipeline  # type: ignore[method-assign]
+            self._claim = self.pool.register_script(CLAIM_LUA)
+            # Its own connection, so that a claim is sent at once (see shared/pinned.py).
+            self._claimer = Redis(connection_pool=self.pool.connection_pool,
+                                  single_connection_client=True)
         # Back to arq's poll loop within a second, so that its health check keeps being written.
         deadline = time.monotonic() + 1.0
         while self.allow_pick_jobs and time.monotonic() < deadline:
@@ -116,7 +126,7 @@ class ClaimingWorker(Worker):
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 await asyncio.sleep(0)  # let its done-callback free the slot
                 continue
-            claimed: list[Any] = await claim(args=[
+            claimed: list[Any] = await self._claim(client=self._claimer, args=[
                 self.queue_name, int(time.time() * 1000), free, in_progress_key_prefix,
                 int(self.in_progress_timeout_s * 1000), PAGE, job_key_prefix, retry_key_prefix,
                 RETRY_KEY_TTL_S, MOST,

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.attribution import Touch, pack_touch, touch_dict
 from shared.events import Event
+from shared.pinned import Pinned
 from shared.report import RETENTION_DAYS, day_of
 from shared.settings import Settings
 from workers import metrics
@@ -52,6 +53,7 @@ class Effects:
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._script = redis.register_script(EFFECTS_LUA)
+        self._clients = Pinned(redis)
         self._header = (
             settings.dedupe_ttl_s, settings.stream_maxlen, settings.history_cap,
             keys.REFERRALS_STREAM, keys.REPORT_ADS, RETENTION_DAYS * 86400,
@@ -77,8 +79,16 @@ class Effects:
                              day_of(touch.timestamp), _ad_title(touch)))
                 sources.append(touch.source)
         tail = end.args if end is not None else ()
-        codes = [int(c) for c in await self._script(args=[*self._header, _pack(rows), *tail])]
+        client = self._clients.take()
+        try:
+            reply = await self._script(args=[*self._header, _pack(rows), *tail], client=client)
+        finally:
+            self._clients.give(client)
+        codes = [int(c) for c in reply]
         for code, source in zip(codes, sources, strict=True):
             if code >= NEW_USER:
                 metrics.count_touch(source, code == RETURNING_USER)
         return codes
+
+    async def aclose(self) -> None:
+        await self._clients.aclose()

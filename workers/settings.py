@@ -71,6 +71,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await metrics.stop(ctx.pop("fbhook_gauges", None))
+        runtime: Runtime | None = ctx.get("fbhook")
+        if runtime is not None:
+            await runtime.effects.aclose()
 
     return {
         "functions": [
