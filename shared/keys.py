@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 SEEN_PREFIX = "fb:seen:"
-"""`fb:seen:<event id>`: the dedupe marker; "q" once queued, "d" once processed, "x" if dead."""
+"""`fb:seen:<event id>`: the dedupe marker; "q" once queued, "x" if dead, "d" once processed by a
+job that may run again (a job's lone first run, ended with its outputs, leaves "q")."""
 
 STREAM_PREFIX = "fb:events:"
 """`fb:events:<kind>`: a Redis Stream per event kind, the interface for downstream consumers."""

@@ -168,7 +168,7 @@ async def test_replay_queues_dead_events_again_and_they_get_processed(
     assert sorted(r["id"] for r in await stream_rows(redis, "message")) == [
         "message:r1", "message:r2"]
     assert await list_dead(redis) == []
-    assert await redis.get("fb:seen:message:r2") == b"d"
+    assert await redis.get("fb:seen:message:r2") == b"q", "queued again, no longer dead"
     # Replaying again finds nothing and writes nothing twice.
     assert await replay(redis, settings) == 0
     await drain()

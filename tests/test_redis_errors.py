@@ -15,7 +15,7 @@ from shared.settings import Settings
 from tests import payloads as p
 from tests.conftest import Post, stream_rows
 from workers import deadletters, jobs
-from workers.effects import SKIPPED, WRITTEN, Effects
+from workers.effects import SKIPPED, WRITTEN, Effects, JobEnd
 from workers.normalize import normalize
 
 
@@ -95,4 +95,71 @@ async def test_a_write_failing_part_way_keeps_what_was_written_exactly_once(
     assert len(await stream_rows(redis, "message")) == 1
     assert len(await stream_rows(redis, "referral")) == 1
     assert (await redis.hgetall(keys.report_day(day)))[b"new|source|SHORTLINK"] == b"1"
+    await effects.aclose()
+
+
+async def _claimed_job(redis: Redis, job_id: str, claims: int) -> None:
+    """An arq job as the claim leaves it: queued, in progress, its try counter at `claims`."""
+    from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+    await redis.zadd("fb:queue", {job_id: 1})
+    await redis.set(job_key_prefix + job_id, b"body")
+    await redis.set(in_progress_key_prefix + job_id, b"1")
+    await redis.set(retry_key_prefix + job_id, claims)
+
+
+async def test_a_first_run_that_fails_part_way_marks_what_it_wrote_for_the_next(
+    redis: Redis, settings: Settings
+) -> None:
+    """A job's first run writes no done marks (nothing ran before it, nothing runs after it);
+    when a write fails part way it runs again, so the events written before the failure are
+    marked then, and the second run skips them."""
+    now_ms = int(time.time() * 1000)
+    first = normalize("referral", DecodedEvent(
+        "h:first-run", "messaging", "PAGE", now_ms,
+        p.shortlink_referral("spring", sender="bea", ts=now_ms)))
+    blocked = normalize("message", DecodedEvent(
+        "message:blocked-1", "messaging", "PAGE", now_ms, p.text_message(mid="blocked-1")))
+    await redis.set(keys.seen(first.id), "q", ex=600)
+    await redis.set(keys.seen(blocked.id), "q", ex=600)
+    await _claimed_job(redis, "j-part", claims=1)
+    effects = Effects(redis, settings)
+    await redis.set(keys.stream("message"), "not a stream")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await effects.write([first, blocked], JobEnd("j-part", "fb:queue", 1))
+    assert await redis.get(keys.seen(first.id)) == b"d"
+    assert await redis.get(keys.seen(blocked.id)) == b"q"
+    assert await redis.zcard("fb:queue") == 1, "the job is not ended"
+
+    await redis.delete(keys.stream("message"))
+    await _claimed_job(redis, "j-part", claims=2)
+    assert await effects.write([first, blocked], JobEnd("j-part", "fb:queue", 2)) == [
+        SKIPPED, WRITTEN]
+    assert len(await stream_rows(redis, "referral")) == 1
+    assert len(await stream_rows(redis, "message")) == 1
+    assert await redis.get(keys.seen(blocked.id)) == b"d"
+    assert await redis.zcard("fb:queue") == 0
+    await effects.aclose()
+
+
+async def test_a_first_run_reads_marks_when_another_worker_has_claimed_the_job(
+    redis: Redis, settings: Settings
+) -> None:
+    """Try 1 skips the marks only while the job's try counter says no other worker claimed it
+    (a worker frozen past its claim's TTL, say): otherwise it reads them like any run again."""
+    now_ms = int(time.time() * 1000)
+    done, new = (normalize("message", DecodedEvent(
+        f"message:{mid}", "messaging", "PAGE", now_ms, p.text_message(mid=mid)))
+        for mid in ("done-elsewhere", "not-yet"))
+    await redis.set(keys.seen(done.id), "d", ex=600)
+    await redis.set(keys.seen(new.id), "q", ex=600)
+    effects = Effects(redis, settings)
+
+    await _claimed_job(redis, "j-fresh", claims=1)
+    assert await effects.write([new], JobEnd("j-fresh", "fb:queue", 1)) == [WRITTEN]
+    assert await redis.get(keys.seen(new.id)) == b"q", "a lone first run writes no mark"
+
+    await _claimed_job(redis, "j-twice", claims=2)
+    assert await effects.write([done], JobEnd("j-twice", "fb:queue", 1)) == [SKIPPED]
+    assert len(await stream_rows(redis, "message")) == 1
     await effects.aclose()

@@ -45,7 +45,8 @@ async def list_dead(redis: Redis, count: int = 100, start: str = "-") -> list[De
 
 
 async def replay(redis: Redis, settings: Settings, entry_ids: list[str] | None = None) -> int:
-    """Queue dead events again (all, or the given entry ids) and remove them from the store."""
+    """Queue dead events again (all, or the given entry ids) and remove them from the store;
+    their seen keys say 'q' (queued) again."""
     letters = await list_dead(redis, count=1_000_000)
     if entry_ids is not None:
         wanted = set(entry_ids)
@@ -58,6 +59,7 @@ async def replay(redis: Redis, settings: Settings, entry_ids: list[str] | None =
             pipe.psetex(keys.ARQ_JOB_PREFIX + job_id, JOB_TTL_MS, body)
             pipe.zadd(settings.queue_name, {job_id: now})
             pipe.xdel(keys.DEAD_LETTERS, letter.entry_id)
+            pipe.set(keys.seen(letter.event_id), "q", ex=settings.dedupe_ttl_s)
             await pipe.execute()
     return len(letters)
 

@@ -38,13 +38,14 @@ def _ad_title(touch: Touch) -> str | bool:
 
 
 class JobEnd:
-    """The keys arq deletes when a job finishes (`Worker.finish_job` with no result kept)."""
+    """The run of an arq job whose events these are: its try, and the keys arq deletes when the
+    job finishes (`Worker.finish_job` with no result kept)."""
 
     __slots__ = ("args", "job_id")
 
-    def __init__(self, job_id: str, queue_name: str) -> None:
+    def __init__(self, job_id: str, queue_name: str, job_try: int) -> None:
         self.job_id = job_id
-        self.args = (in_progress_key_prefix + job_id, retry_key_prefix + job_id,
+        self.args = (job_try, in_progress_key_prefix + job_id, retry_key_prefix + job_id,
                      job_key_prefix + job_id, queue_name, abort_jobs_ss, job_id)
 
 
@@ -62,7 +63,8 @@ class Effects:
 
     async def write(self, events: list[Event], end: JobEnd | None = None) -> list[int]:
         """One code per event: SKIPPED (already done), WRITTEN, NEW_USER or RETURNING_USER.
-        With `end`, the arq job is ended in the same atomic call."""
+        With `end`, the arq job is ended in the same atomic call (and on its lone first run no
+        done marks are read or written: see workers/effects.lua)."""
         if not events and end is None:
             return []
         rows: list[tuple[Any, ...]] = []
@@ -78,7 +80,7 @@ class Effects:
                 rows.append((*head, pack_touch(touch), _text(touch_dict(touch)),
                              day_of(touch.timestamp), _ad_title(touch)))
                 sources.append(touch.source)
-        tail = end.args if end is not None else ()
+        tail = end.args if end is not None else (0,)
         client = self._clients.take()
         try:
             reply = await self._script(args=[*self._header, _pack(rows), *tail], client=client)

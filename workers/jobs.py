@@ -97,7 +97,7 @@ async def run_batch(ctx: dict[str, Any], kind: str, blobs: list[str]) -> int:
         async with asyncio.timeout_at(now + timeout_s * GUARD_SHARE):
             done = await _run_handlers(ctx, redis, events, failures,
                                        now + timeout_s * HANDLER_SHARE)
-            end = JobEnd(ctx["job_id"], runtime.settings.queue_name) \
+            end = JobEnd(ctx["job_id"], runtime.settings.queue_name, job_try) \
                 if not failures and "job_id" in ctx else None
             codes = await runtime.effects.write(done, end)
             if end is not None:
