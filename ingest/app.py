@@ -232,6 +232,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         clock=app[CLOCK],
     )
     yield
+    await app[STATE].enqueuer.aclose()
     await redis.aclose()
 
 

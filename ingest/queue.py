@@ -26,6 +26,7 @@ from ingest.envelope import Routed
 from shared import keys
 from shared.codec import JOB_TTL_MS, arq_job
 from shared.errors import QueueUnavailable
+from shared.pinned import Pinned
 from shared.settings import Settings
 
 ENQUEUE_LUA = resources.files("ingest").joinpath("enqueue.lua").read_text()
@@ -55,6 +56,7 @@ class Enqueuer:
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._script = redis.register_script(ENQUEUE_LUA)
+        self._clients = Pinned(redis)  # a call goes out as soon as it is built
         self._header: tuple[str | int, ...] = (
             keys.SEEN_PREFIX, settings.dedupe_ttl_s, keys.ARQ_JOB_PREFIX, settings.queue_name,
         )
@@ -100,8 +102,10 @@ class Enqueuer:
 
     async def _send(self, batch: _Batch) -> None:
         started = time.perf_counter()
+        client = self._clients.take()
         try:
-            new = await self._script(args=[*self._header, *self._args(batch.events)])
+            new = await self._script(args=[*self._header, *self._args(batch.events)],
+                                     client=client)
         except Exception as exc:  # noqa: BLE001 - any Redis failure means "not queued"
             metrics.ENQUEUE_FAILURES.inc()
             _fail(batch, QueueUnavailable(f"Redis refused the events: {type(exc).__name__}"))
@@ -114,11 +118,15 @@ class Enqueuer:
                 if not w.done():
                     w.set_result(None)
         finally:
+            self._clients.give(client)
             metrics.ENQUEUE_SECONDS.observe(time.perf_counter() - started)
             if batch.timer is not None:
                 batch.timer.cancel()
             self._in_flight -= 1
             self._send_next()
+
+    async def aclose(self) -> None:
+        await self._clients.aclose()
 
     def _expire(self, batch: _Batch) -> None:
         """The batch's deadline passed: its requests are answered 503 (Facebook will retry).

@@ -107,7 +107,7 @@ async def test_queue_unavailable_is_counted_as_503(
 ) -> None:
     before = await scrape(client)
     state = client.app[STATE]
-    state.enqueuer._script.registered_client = _Broken()  # type: ignore[attr-defined]
+    state.enqueuer._clients._free.append(_Broken())  # type: ignore[attr-defined] # the next call's client
     assert (await post(envelope(message("u3", "m.broken")))).status == 503
     after = await scrape(client)
     assert value(after, "fbhook_webhook_requests_total", status="503") \
