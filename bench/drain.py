@@ -27,6 +27,8 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the ingest and the workers (repeatable)")
+    parser.add_argument("--handler", action="store_true",
+                        help="workers run a CPU-bound handler per event (bench.handler_worker)")
     args = parser.parse_args()
     plan = dataclasses.replace(QUICK, events=args.events)
     secret = os.urandom(16).hex()
@@ -43,7 +45,8 @@ def main() -> int:
             wait_http(bench.servers["project"], port)
             for _ in range(args.rounds):
                 for count in (1, 2):
-                    point = bench.project_drain(count)
+                    point = bench.project_drain(
+                        count, "bench.handler_worker" if args.handler else "workers")
                     best[count] = max(best[count], float(point["events_per_s"]))
                     print(f"{count} worker(s): {point['events_per_s']:>9,.0f} events/s  "
                           f"CPU % {point['cpu_pct']}  CPU us/event "

@@ -64,6 +64,11 @@ def targets(r: dict[str, Any]) -> list[Target]:
     ]
 
 
+def _worker_us(point: dict[str, Any]) -> float:
+    """Worker CPU per event, all worker processes together."""
+    return sum(v for k, v in point["cpu_us_per_event"].items() if k.startswith("worker"))
+
+
 def n(x: float) -> str:
     return f"{x:,.0f}"
 
@@ -87,6 +92,10 @@ def table(r: dict[str, Any]) -> str:
     jb, cb, pb = best(j["sweep"]), best(c["sweep"]), best(p["sweep"])
     j50, p50 = best(j["batch"], "events_per_s"), best(p["batch"], "events_per_s")
     live, drain, attr = j["live"], j["drain"], j["attribution"]
+    handler = j["drain_handler"]
+    cores = r["meta"]["cpus"]
+    idle = cores * 100 - drain["1"]["cpu_pct"]["machine"]
+    handler_us = _worker_us(handler["1"]) - _worker_us(drain["1"])
     rss = r["rss_kb"]
     gen = max(pt["generator_cpu_pct"] for s in (c, p, j) for pt in s["sweep"])
     rows = [
@@ -128,6 +137,16 @@ def table(r: dict[str, Any]) -> str:
          f"1 worker {n(drain['1']['events_per_s'])}",
          x(ratio(drain["2"]["events_per_s"], drain["1"]["events_per_s"])), ">= 1.5x one worker",
          t["backlog 2 workers vs 1"].verdict),
+        ("Backlog drain, CPU the 1-worker run left idle: most 2 workers could add",
+         f"{idle:.0f}% of {cores}00% idle",
+         f"1 worker + Redis {drain['1']['cpu_pct']['machine']:.0f}%",
+         x(ratio(cores * 100, drain["1"]["cpu_pct"]["machine"])), "", ""),
+        ("Backlog drain, CPU-bound handler per event (bench.handler_worker), 1 worker",
+         n(handler["1"]["events_per_s"]),
+         f"handler adds {handler_us:.0f} us of worker CPU per event", "", "", ""),
+        ("Backlog drain, CPU-bound handler per event, 2 workers",
+         n(handler["2"]["events_per_s"]), f"1 worker {n(handler['1']['events_per_s'])}",
+         x(ratio(handler["2"]["events_per_s"], handler["1"]["events_per_s"])), "", ""),
         (f"Redis bytes per attributed user, 1 touch ({n(attr['1']['users'])} users)",
          n(attr["1"]["bytes_per_user"]), f"MEMORY USAGE {n(attr['1']['memory_usage_per_user'])}",
          "", "<= 400", t["Redis bytes per attributed user, 1 touch"].verdict),
@@ -189,6 +208,8 @@ def cpu_table(r: dict[str, Any]) -> str:
         ("Live load, 2 workers", j["live"]["2"]),
         ("Backlog, 1 worker", j["drain"]["1"]),
         ("Backlog, 2 workers", j["drain"]["2"]),
+        ("Backlog, 1 worker, CPU-bound handler", j["drain_handler"]["1"]),
+        ("Backlog, 2 workers, CPU-bound handler", j["drain_handler"]["2"]),
     ]
     lines = ["| Run (this project) | ingest | workers | redis | load generator | other tenants"
              " | CPU us per event: ingest / workers / redis |",

@@ -294,8 +294,8 @@ class Bench:
 
     # -- end to end: this project ---------------------------------------------------------------
 
-    def workers(self, count: int) -> list[Proc]:
-        procs = [self.procs.python(f"worker-{i}", "-m", "workers") for i in range(count)]
+    def workers(self, count: int, module: str = "workers") -> list[Proc]:
+        procs = [self.procs.python(f"worker-{i}", "-m", module) for i in range(count)]
         wait_idle(procs)
         return procs
 
@@ -318,9 +318,11 @@ class Bench:
         point.update(self.outputs(pool))
         return point
 
-    def project_drain(self, count: int) -> Point:
+    def project_drain(self, count: int, module: str = "workers") -> Point:
+        """A pre-filled backlog drained by `count` workers (`module`: bench.handler_worker for
+        workers that run a CPU-bound handler per event)."""
         self.flush()
-        workers = self.workers(count)
+        workers = self.workers(count, module)
         for w in workers:
             w.pause()
         plan = self.plan
@@ -339,8 +341,8 @@ class Bench:
         meter.stop()
         self.stop(*workers)
         pool.path.unlink()
-        point = self.e2e_point(f"backlog, {count} worker(s)", pool.events, t_end - t0, meter,
-                               res)
+        label = f"backlog, {count} worker(s)" + (", handler" if module != "workers" else "")
+        point = self.e2e_point(label, pool.events, t_end - t0, meter, res)
         point.update(self.outputs(pool), queued_jobs=jobs,
                      bytes_per_queued_event=round(per_event, 1))
         return point
@@ -408,14 +410,19 @@ class Bench:
         self.stop(*worker)
         live: dict[int, list[Point]] = {1: [], 2: []}
         drain: dict[int, list[Point]] = {1: [], 2: []}
+        handler: dict[int, list[Point]] = {1: [], 2: []}
         for r in range(plan.rounds):
             self.log(f"project end to end, round {r + 1}/{plan.rounds}")
             for count in (1, 2):
                 live[count].append(self.project_live(count))
             for count in (1, 2):
                 drain[count].append(self.project_drain(count))
+            for count in (1, 2):
+                handler[count].append(self.project_drain(count, "bench.handler_worker"))
         out["live"] = {str(c): keep_best(p, "events_per_s") for c, p in live.items()}
         out["drain"] = {str(c): keep_best(p, "events_per_s") for c, p in drain.items()}
+        out["drain_handler"] = {str(c): keep_best(p, "events_per_s")
+                                for c, p in handler.items()}
         self.log("project: Redis memory per attributed user")
         out["attribution"] = {str(n): self.attribution(n) for n in (1, 3)}
         self.stop(self.servers.pop("project"))
