@@ -7,8 +7,9 @@ their one Lua call, so the calls of all ready jobs went out together after all t
 and Redis and the worker took turns instead of working at once: each sat idle half the time
 (one worker drained 56,000 events/s; with its calls sent at once, 94,000). In the ingest, an
 enqueue call waited for every request ready to be parsed (50-event POSTs: 144,000 events/s,
-then 154,000 to 161,000). A client that holds its connection sends at once. It still reconnects and retries as the pool's clients do, and a
-call cancelled half way closes the connection (redis-py does), so no reply is left unread.
+then 154,000 to 161,000). A client that holds its connection sends at once. It still
+reconnects and retries as the pool's clients do, and a call cancelled half way closes the
+connection (redis-py does), so no reply is left unread.
 """
 
 from __future__ import annotations
