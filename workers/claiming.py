@@ -22,7 +22,8 @@ from typing import Any
 
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.worker import Worker
-from redis.asyncio import Redis
+
+from shared.pinned import Pinned
 
 CLAIM_LUA = resources.files("workers").joinpath("claim.lua").read_text()
 
@@ -97,9 +98,9 @@ class ClaimingWorker(Worker):
                                  keep_result_forever, incr_score, keep_in_progress)
 
     async def close(self) -> None:
-        claimer: Redis | None = getattr(self, "_claimer", None)
-        if claimer is not None and self._pool is not None:
-            await claimer.aclose()
+        claims: Pinned | None = getattr(self, "_claims", None)
+        if claims is not None and self._pool is not None:
+            await claims.aclose()
         await super().close()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
@@ -113,9 +114,7 @@ class ClaimingWorker(Worker):
             self._pool_pipeline = self.pool.pipeline
             self.pool.pipeline = self._pipeline  # type: ignore[method-assign]
             self._claim = self.pool.register_script(CLAIM_LUA)
-            # Its own connection, so that a claim is sent at once (see shared/pinned.py).
-            self._claimer = Redis(connection_pool=self.pool.connection_pool,
-                                  single_connection_client=True)
+            self._claims = Pinned(self.pool)  # a claim is sent at once
         # Back to arq's poll loop within a second, so that its health check keeps being written.
         deadline = time.monotonic() + 1.0
         while self.allow_pick_jobs and time.monotonic() < deadline:
@@ -126,11 +125,15 @@ class ClaimingWorker(Worker):
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 await asyncio.sleep(0)  # let its done-callback free the slot
                 continue
-            claimed: list[Any] = await self._claim(client=self._claimer, args=[
-                self.queue_name, int(time.time() * 1000), free, in_progress_key_prefix,
-                int(self.in_progress_timeout_s * 1000), PAGE, job_key_prefix, retry_key_prefix,
-                RETRY_KEY_TTL_S, MOST,
-            ])
+            client = self._claims.take()
+            try:
+                claimed: list[Any] = await self._claim(client=client, args=[
+                    self.queue_name, int(time.time() * 1000), free, in_progress_key_prefix,
+                    int(self.in_progress_timeout_s * 1000), PAGE, job_key_prefix,
+                    retry_key_prefix, RETRY_KEY_TTL_S, MOST,
+                ])
+            finally:
+                self._claims.give(client)
             if not claimed:
                 return
             for n in range(0, len(claimed), 4):
