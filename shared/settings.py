@@ -37,14 +37,27 @@ def _float(lo: float, hi: float) -> Callable[[str, str], float]:
     return _number(float, "a number", lo, hi)
 
 
+PLACEHOLDER_PREFIX = "change-me"
+"""How the values of `.env.example` begin: a copied `.env` left as it is must not start."""
+
+
+def _not_placeholder(name: str, value: str) -> None:
+    if value.lower().startswith(PLACEHOLDER_PREFIX):
+        raise ConfigError(f"{name} still holds a {PLACEHOLDER_PREFIX}-... placeholder from "
+                          ".env.example: set your own value")
+
+
 def _secrets(name: str, raw: str) -> tuple[bytes, ...]:
-    secrets = tuple(s.strip().encode() for s in raw.split(",") if s.strip())
+    secrets = tuple(s.strip() for s in raw.split(",") if s.strip())
     if not secrets:
         raise ConfigError(f"{name} must hold at least one secret (comma-separated for rotation)")
-    return secrets
+    for secret in secrets:
+        _not_placeholder(name, secret)
+    return tuple(s.encode() for s in secrets)
 
 
 def _token(name: str, raw: str) -> str:
+    _not_placeholder(name, raw)
     if len(raw) < 8:
         raise ConfigError(f"{name} must be at least 8 characters long")
     return raw

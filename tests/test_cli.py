@@ -412,6 +412,33 @@ def test_check_config_reports_every_bad_value_and_an_unreachable_redis() -> None
     assert "does NOT answer" in done.out
 
 
+def env_example() -> dict[str, str]:
+    """The variables `.env.example` sets, as a copied `.env` would give them."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_check_config_refuses_the_placeholders_of_env_example(redis_proc: RedisProcess) -> None:
+    example = env_example()
+    done = fbhook_sync("check-config", env=clean_env(**example, REDIS_URL=redis_proc.url))
+    assert done.code == 1, done
+    refused = [line for line in done.out.splitlines() if "placeholder" in line]
+    assert refused == [
+        f"  - {name} still holds a change-me-... placeholder from .env.example: set your own value"
+        for name in ("FB_APP_SECRET", "FB_VERIFY_TOKEN", "API_TOKEN")
+    ], done
+    # One placeholder left among rotated secrets is refused too.
+    rotated = f"a-real-secret,{example['FB_APP_SECRET']}"
+    with pytest.raises(ConfigError, match="FB_APP_SECRET still holds a change-me"):
+        Settings.from_env({**example, "FB_APP_SECRET": rotated, "FB_VERIFY_TOKEN": VERIFY_TOKEN,
+                           "API_TOKEN": API_TOKEN})
+
+
+def test_the_local_defaults_of_dev_are_accepted_settings() -> None:
+    settings = Settings.from_env(DEV_DEFAULTS)
+    assert settings.api_token == DEV_DEFAULTS["API_TOKEN"]
+
+
 # --- dead letters ----------------------------------------------------------------------------
 
 
