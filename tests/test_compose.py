@@ -1,14 +1,17 @@
 """docker-compose.yml is valid, and the commands its services run work as plain processes.
 
 There is no Docker engine on the test machines, so the file is checked against the Compose
-specification's JSON schema, and each service's command is started here with the same
-environment the file gives it (REDIS_URL pointing at the test Redis instead of `redis`).
+specification's JSON schema, the environment each container would get is computed as Compose
+does (`.env` through `env_file`, then `environment` interpolated from `.env` on top), with the
+values `.env.example` gives and with them changed, and each service's command is started here
+with that environment (REDIS_URL pointing at the test Redis instead of `redis`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,11 +24,111 @@ import yaml
 
 from ingest.signature import sign
 from shared.attribution import touch_count
+from shared.settings import _SPEC, Settings
 from tests.redis_server import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+
+
+class ComposeError(Exception):
+    """What `docker compose` would stop with (a `${VAR:?message}` whose VAR is unset)."""
+
+
+def read_dotenv(text: str) -> dict[str, str]:
+    """A .env file as Compose reads it: KEY=VALUE lines, `#` comments (also after an unquoted
+    value), quotes around a value removed."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if value[:1] in {"'", '"'} and value.endswith(value[0]) and len(value) > 1:
+            value = value[1:-1]
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0]
+        out[key.strip()] = value
+    return out
+
+
+_REFERENCE = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
+_BRACED = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>.*))?", re.S)
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """Compose's interpolation: $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error},
+    ${VAR?error}, ${VAR:+alt}, ${VAR+alt}, and $$ for a dollar sign."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        if match["named"]:
+            return variables.get(match["named"], "")
+        braced = _BRACED.fullmatch(match["braced"])
+        assert braced is not None, f"Compose would reject {match.group(0)!r}"
+        found = variables.get(braced["name"])
+        op = braced["op"] or ""
+        unset = found is None or (op.startswith(":") and found == "")
+        if op.endswith("-"):
+            return braced["arg"] if unset else str(found)
+        if op.endswith("?"):
+            if unset:
+                raise ComposeError(braced["arg"])
+            return str(found)
+        if op.endswith("+"):
+            return "" if unset else braced["arg"]
+        return found or ""
+
+    return _REFERENCE.sub(substitute, value)
+
+
+def container_env(service: str, dotenv: dict[str, str]) -> dict[str, str]:
+    """The variables a service's container gets when `.env` holds `dotenv` (and the shell sets
+    none): its env_file first, `environment` over it, interpolated from `.env`."""
+    spec = SERVICES[service]
+    env: dict[str, str] = {}
+    for entry in spec.get("env_file", []):
+        path = entry["path"] if isinstance(entry, dict) else entry
+        assert path == ".env", f"{service}: env_file {path} is not modelled here"
+        env.update(dotenv)
+    for key, value in spec.get("environment", {}).items():
+        env[key] = interpolate(str(value), dotenv)
+    return env
+
+
+def published_ports(service: str, dotenv: dict[str, str]) -> list[tuple[int, int]]:
+    """(host port, container port) of each `ports` entry, interpolated from `.env`."""
+    pairs = []
+    for entry in SERVICES[service].get("ports", []):
+        host, _, inside = interpolate(str(entry), dotenv).rpartition(":")
+        pairs.append((int(host.rpartition(":")[2]), int(inside)))
+    return pairs
+
+
+def probed_port(service: str) -> int:
+    """The port the service's health check asks on, inside the container."""
+    command = " ".join(SERVICES[service]["healthcheck"]["test"])
+    found = re.search(r"http://(?:127\.0\.0\.1|localhost):(\d+)/", command)
+    assert found is not None, command
+    return int(found.group(1))
+
+
+EXAMPLE = read_dotenv((ROOT / ".env.example").read_text())
+OWN_VALUES = {
+    "FB_APP_SECRET": "an-app-secret-of-my-own",
+    "FB_VERIFY_TOKEN": "a-verify-token-of-my-own",
+    "API_TOKEN": "an-api-token-of-my-own",
+}
+CHANGED = {
+    **EXAMPLE, **OWN_VALUES,
+    "INGEST_PORT": "9091", "INGEST_HOST": "127.0.0.1", "REDIS_URL": "redis://elsewhere:6379/0",
+    "WORKER_METRICS_PORT": "9200",
+}
+"""A `.env` copied from `.env.example` and edited: own secrets, another port, and settings that
+make no sense inside a container."""
 
 
 def test_compose_file_matches_the_compose_specification() -> None:
@@ -69,28 +172,42 @@ def test_image_runs_as_a_non_root_user() -> None:
 
 
 def test_env_example_sets_every_required_variable() -> None:
-    example = dict(
-        line.split("=", 1)
-        for line in (ROOT / ".env.example").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
     for name in ("FB_APP_SECRET", "FB_VERIFY_TOKEN", "API_TOKEN"):
-        assert example.get(name), name
+        assert EXAMPLE.get(name), name
 
 
-def _service_env(service: str, redis_url: str, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FB_", "API_", "REDIS_"))}
-    for line in (ROOT / ".env.example").read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.split("=", 1)
-            env[key] = value
-    for key, value in SERVICES[service]["environment"].items():
-        if not str(value).startswith("${"):
-            env[key] = str(value)
+@pytest.mark.parametrize("dotenv", [EXAMPLE, CHANGED], ids=["as-in-env-example", "changed"])
+def test_the_ingest_listens_where_compose_publishes_and_probes_it(dotenv: dict[str, str]) -> None:
+    settings = Settings.best_effort(container_env("ingest", dotenv))
+    host_port = int(dotenv.get("INGEST_PORT", "8080"))
+    assert published_ports("ingest", dotenv) == [(host_port, settings.ingest_port)]
+    assert probed_port("ingest") == settings.ingest_port == 8080
+    assert settings.ingest_host == "0.0.0.0"  # reachable through the port mapping
+    for service in ("ingest", "worker"):
+        env = container_env(service, dotenv)
+        assert env["REDIS_URL"] == "redis://redis:6379/0", service
+        assert {k: env[k] for k in OWN_VALUES} == {k: dotenv[k] for k in OWN_VALUES}, service
+    assert container_env("worker", dotenv)["WORKER_METRICS_PORT"] == "9100"
+
+
+def test_compose_stops_with_a_message_when_env_lacks_a_secret() -> None:
+    for name in OWN_VALUES:
+        dotenv = {k: v for k, v in CHANGED.items() if k != name}
+        with pytest.raises(ComposeError, match=f"set {name} in .env"):
+            container_env("ingest", dotenv)
+
+
+def _process_env(service: str, dotenv: dict[str, str], redis_url: str, port: int) -> dict[str, str]:
+    """`container_env` for a process on this machine: REDIS_URL is the test Redis, and port
+    8080, the container's own, is the free `port` here (everywhere the container uses it)."""
+    env = {k: v for k, v in os.environ.items() if k not in _SPEC}
+    env.update(container_env(service, dotenv))
+    if service == "ingest":
+        assert env["INGEST_PORT"] == "8080"
+        env["INGEST_PORT"] = str(port)
     env.update(
         REDIS_URL=redis_url,
-        INGEST_PORT=str(port),
-        WORKER_METRICS_PORT="0",
+        WORKER_METRICS_PORT="0",  # the metrics port of a container, not free here
         WORKER_POLL_DELAY_SECONDS="0.01",
         LOG_LEVEL="warning",
     )
@@ -100,6 +217,17 @@ def _service_env(service: str, redis_url: str, port: int) -> dict[str, str]:
 def _here(command: list[str]) -> list[str]:
     """A service's command with `python` meaning this interpreter (the image's is on PATH)."""
     return [sys.executable if part == "python" else part for part in command]
+
+
+def test_the_services_refuse_to_start_with_the_placeholders_of_env_example(
+    redis_proc: RedisProcess,
+) -> None:
+    for service in ("ingest", "worker"):
+        env = _process_env(service, EXAMPLE, redis_proc.url, free_port())
+        done = subprocess.run(_here(SERVICES[service]["command"]), cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2, (service, done.stdout, done.stderr)
+        assert "FB_APP_SECRET still holds a change-me-... placeholder" in done.stderr, service
 
 
 def _get(url: str) -> int:
@@ -124,7 +252,7 @@ def test_service_commands_run_the_system_as_plain_processes(redis_proc: RedisPro
                 subprocess.Popen(
                     _here(SERVICES[name]["command"]),
                     cwd=ROOT,
-                    env=_service_env(name, redis_proc.url, port),
+                    env=_process_env(name, CHANGED, redis_proc.url, port),
                 )
             )
         deadline = time.monotonic() + 20
@@ -132,7 +260,7 @@ def test_service_commands_run_the_system_as_plain_processes(redis_proc: RedisPro
             assert time.monotonic() < deadline, "ingest never became ready"
             time.sleep(0.1)
 
-        secret = _service_env("ingest", redis_proc.url, port)["FB_APP_SECRET"].split(",")[0]
+        secret = CHANGED["FB_APP_SECRET"].split(",")[0]
         body = json.dumps(
             {
                 "object": "page",
@@ -173,14 +301,14 @@ def test_service_commands_run_the_system_as_plain_processes(redis_proc: RedisPro
             time.sleep(0.1)
         assert touch_count(client.get("fb:attr:42")) == 1  # type: ignore[arg-type]
 
-        # The services' own health checks, as compose would run them (port adjusted).
+        # The services' own health checks, as compose would run them (port 8080 mapped).
         ingest_check: list[str] = _here(
             [
                 part.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
                 for part in SERVICES["ingest"]["healthcheck"]["test"][1:]
             ]
         )
-        env = _service_env("worker", redis_proc.url, port)
+        env = _process_env("worker", CHANGED, redis_proc.url, port)
         assert subprocess.run(ingest_check, cwd=ROOT, env=env, check=False).returncode == 0
         worker_check: list[Any] = _here(SERVICES["worker"]["healthcheck"]["test"][1:])
         time.sleep(0.5)
