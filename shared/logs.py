@@ -47,6 +47,26 @@ class TextFormatter(logging.Formatter):
         return f"{line} {extra}" if extra else line
 
 
+_ARQ_ROUTINE = frozenset({
+    "%6.2fs → %s(%s)%s",  # a job starts
+    "%6.2fs ← %s ● %s",  # a job ends well
+    "recording health: %s",  # every HEALTH_CHECK_INTERVAL_S
+})
+"""arq's info lines for healthy work, by format string (its retries, failures and start-up
+lines keep their level)."""
+
+
+class ArqRoutineAtDebug(logging.Filter):
+    """Demote arq's per-job and health lines to debug: healthy traffic logs at debug only,
+    and workers/jobs.py already writes one line per job."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or record.msg not in _ARQ_ROUTINE:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def setup_logging(settings: Settings) -> None:
     use_json = settings.log_format == "json" or (
         settings.log_format == "auto" and not sys.stderr.isatty()
@@ -56,3 +76,6 @@ def setup_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    arq = logging.getLogger("arq.worker")
+    if not any(isinstance(f, ArqRoutineAtDebug) for f in arq.filters):
+        arq.addFilter(ArqRoutineAtDebug())

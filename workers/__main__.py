@@ -57,6 +57,21 @@ def serve_metrics(settings: Settings) -> WSGIServer | None:
     return server
 
 
+def log_handlers() -> None:
+    """One line at start: which handlers this worker runs, so that a handler that was never
+    imported shows at once."""
+    from workers.registry import registered
+
+    found = {kind: [f"{fn.__module__}.{fn.__qualname__}" for fn in fns]
+             for kind, fns in sorted(registered().items())}
+    if not found:
+        log.info("no handlers registered: built-in outputs only (add them in workers/handlers.py)",
+                 extra={"handlers": {}})
+        return
+    listed = "; ".join(f"{kind} -> {', '.join(names)}" for kind, names in found.items())
+    log.info("handlers: %s", listed, extra={"handlers": found})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
     mode = parser.add_mutually_exclusive_group()
@@ -83,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.claiming import ClaimingWorker as Worker
     from workers.settings import worker_settings
 
+    log_handlers()
     if args.burst:
         Worker(**worker_settings(settings), burst=True).run()
         return 0

@@ -42,6 +42,11 @@ def has_handlers(kind: str) -> bool:
     return kind in _handlers
 
 
+def registered() -> dict[str, list[Handler]]:
+    """Every kind with handlers, and its handlers in the order they run."""
+    return {kind: list(fns) for kind, fns in _handlers.items()}
+
+
 def remove(kind: str, fn: Handler) -> None:
     """Unregister a handler (tests use it to leave the registry as they found it)."""
     handlers = _handlers.get(kind, [])
