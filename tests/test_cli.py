@@ -504,12 +504,14 @@ async def test_dead_letters_list_replay_and_purge(
 class Dev:
     """`fbhook dev` as a subprocess, its stdout read line by line in a thread."""
 
-    def __init__(self, env: dict[str, str], port: int, log: Path, *extra: str) -> None:
+    def __init__(self, env: dict[str, str], port: int, log: Path, *extra: str,
+                 command: list[str] = CLI, cwd: Path = ROOT) -> None:
         self.port = port
         self.log = log
+        self.cwd = cwd
         self._log_file = log.open("w")
         self.proc = subprocess.Popen(
-            [*CLI, "dev", "--port", str(port), *extra], cwd=ROOT, env=env,
+            [*command, "dev", "--port", str(port), *extra], cwd=cwd, env=env,
             stdout=subprocess.PIPE, stderr=self._log_file, text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
@@ -552,8 +554,12 @@ class Dev:
 def dev_run(tmp_path: Path) -> Iterator[Any]:
     started: list[Dev] = []
 
-    def start(env: dict[str, str], *extra: str) -> Dev:
-        dev = Dev(env, free_port(), tmp_path / f"dev-{len(started)}.log", *extra)
+    def start(env: dict[str, str], *extra: str, command: list[str] = CLI) -> Dev:
+        """`fbhook dev` run in its own directory, tmp_path/project, as a user would in theirs."""
+        cwd = tmp_path / "project"
+        cwd.mkdir(exist_ok=True)
+        dev = Dev(env, free_port(), tmp_path / f"dev-{len(started)}.log", *extra,
+                  command=command, cwd=cwd)
         started.append(dev)
         return dev
 
@@ -595,7 +601,7 @@ def test_dev_runs_everything_and_stops_cleanly(
     banner = "".join(dev.out)
     base = f"http://127.0.0.1:{dev.port}"
     assert f"{base}/webhook" in banner
-    assert "fbhook simulate" in banner and "NOT for production" in banner
+    assert f"{sys.executable} -m cli simulate" in banner and "NOT for production" in banner
     assert DEV_DEFAULTS["FB_APP_SECRET"] in banner
     redis_line = re.search(r"redis\s+(redis://127\.0\.0\.1:(\d+)/0)(.*)", banner)
     assert redis_line is not None, banner
@@ -661,3 +667,112 @@ def test_dev_fails_fast_when_its_port_is_taken() -> None:
         done = fbhook_sync("dev", "--port", str(port), env=clean_env(), timeout=60)
     assert done.code == 1, done
     assert f"cannot listen on 127.0.0.1:{port}" in done.err
+
+
+def try_it_lines(banner: str) -> list[str]:
+    """The commands under "Try it" in the dev banner, without their trailing comments."""
+    block = banner.split("Try it, from another terminal in ", 1)[1].split("\n\n", 1)[0]
+    return [line.split("    #", 1)[0].strip() for line in block.splitlines()[1:]]
+
+
+def test_the_commands_dev_prints_run_as_shown_and_read_its_redis(dev_run: Any) -> None:
+    """`make dev` runs the console script from .venv/bin, not on PATH: the banner says how to
+    run each command from this directory, and the commands find dev's Redis without REDIS_URL."""
+    script = Path(sys.executable).with_name("fbhook")
+    bin_dir = str(script.parent)
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d != bin_dir)
+    env = clean_env(PATH=path)
+    dev = dev_run(env, command=[str(script)])
+    dev.wait_for("Press Ctrl-C to stop.")
+    banner = "".join(dev.out)
+    assert f"Try it, from another terminal in {dev.cwd}:" in banner
+    redis_url = re.search(r"redis\s+(redis://127\.0\.0\.1:\d+/0)", banner).group(1)  # type: ignore[union-attr]
+    state = json.loads((dev.cwd / ".fbhook-dev.json").read_text())
+    assert state == {"redis_url": redis_url, "pid": dev.proc.pid}
+
+    simulate, events_list, report, export, curl = try_it_lines(banner)
+    assert simulate == f"{script} simulate --url http://127.0.0.1:{dev.port}/webhook"
+
+    def shell(line: str) -> Result:
+        done = subprocess.run(line, shell=True, cwd=dev.cwd, env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    assert shell(simulate).code == 0
+    touched = [e for e in expected(6) if e.touch is not None]
+    deadline = time.monotonic() + 30
+    while len((exported := shell(export)).out.splitlines()) < len(touched):
+        assert time.monotonic() < deadline, f"{exported}\n{dev.report()}"
+        time.sleep(0.2)
+    assert sorted(json.loads(x)["user"] for x in exported.out.splitlines()) == sorted(
+        e.user for e in touched)
+    reading = f"fbhook: reading Redis {redis_url} (started by fbhook dev, pid {dev.proc.pid}, "
+    for line in (events_list, report, export):
+        done = shell(line)
+        assert done.code == 0, done
+        assert done.err.startswith(reading), done
+    assert "fb:events:referral" in shell(events_list).out
+    answer = json.loads(shell(curl).out)
+    assert answer["user"] == expected(6)[1].user and answer["last"]["source"] == "ADS"
+
+    dev.proc.send_signal(signal.SIGINT)
+    assert dev.proc.wait(60) == 0, dev.report()
+    assert not (dev.cwd / ".fbhook-dev.json").exists()
+
+
+def test_the_banner_names_the_script_make_dev_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.dev import self_command
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(sys, "argv", [".venv/bin/fbhook", "dev"])
+    assert self_command() == ".venv/bin/fbhook"
+    monkeypatch.setattr(sys, "argv", [str(ROOT / ".venv/bin/fbhook"), "dev"])
+    assert self_command() == ".venv/bin/fbhook"
+    monkeypatch.setenv("PATH", str(ROOT / ".venv/bin"))
+    assert self_command() == "fbhook"
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "cli/__main__.py"), "dev"])
+    python = Path(sys.executable)
+    shown = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
+    assert self_command() == f"{shown} -m cli"
+
+
+def test_a_dev_state_file_counts_only_while_its_process_lives(tmp_path: Path) -> None:
+    from cli import devstate
+
+    with devstate.announced("redis://127.0.0.1:1/0", tmp_path) as path:
+        found = devstate.read(tmp_path)
+        assert found == devstate.DevState("redis://127.0.0.1:1/0", os.getpid(), path)
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert not path.exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    path.write_text(json.dumps({"redis_url": "redis://127.0.0.1:1/0", "pid": int(gone.stdout)}))
+    assert devstate.read(tmp_path) is None
+    assert devstate.read(tmp_path, check_alive=False) is not None
+    path.write_text("{not json")
+    assert devstate.read(tmp_path) is None
+
+
+def test_redis_tools_say_which_redis_they_read_and_that_it_is_empty(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    with redis_sync.Redis.from_url(redis_proc.url) as client:
+        client.flushall()
+    # A dev state file here (of a live process: this one) loses to REDIS_URL and --redis-url.
+    from cli import devstate
+
+    with devstate.announced(f"redis://127.0.0.1:{free_port()}/0", tmp_path):
+        for how, env, args in [
+            ("from REDIS_URL", clean_env(REDIS_URL=redis_proc.url), ()),
+            ("from --redis-url", clean_env(), ("--redis-url", redis_proc.url)),
+        ]:
+            done = subprocess.run([*CLI, "events", "list", *args], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 0, done
+            assert done.stdout == "no event streams yet\n"
+            assert done.stderr.splitlines() == [
+                f"fbhook: reading Redis {redis_proc.url} ({how})",
+                "fbhook: this Redis holds no data at all (no webhook has reached it)",
+            ]
