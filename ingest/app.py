@@ -7,23 +7,26 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from ingest import metrics
+from ingest.body import BodyReader
 from ingest.envelope import parse
 from ingest.metrics import WebhookClock
-from ingest.observe import Outcome, request_fields, watchdog
+from ingest.observe import Outcome, request_fields, server_log, watchdog
 from ingest.queue import Enqueuer
 from ingest.report_page import CSP, render
-from ingest.signature import SignatureVerifier
+from ingest.signature import SignatureVerifier, well_formed
+from shared import keys
 from shared.attribution import load as load_attribution
-from shared.errors import BadRequest, QueueUnavailable
+from shared.errors import BadRequest, BodyRefused, QueueUnavailable
 from shared.redis import connect
 from shared.report import DEFAULT_LIMIT, ReportRangeError, build_report, encode_report, parse_range
 from shared.settings import Settings
@@ -38,6 +41,7 @@ _JSON_TYPES = frozenset({"application/json", "text/json"})
 class State:
     settings: Settings
     verifier: SignatureVerifier
+    bodies: BodyReader
     redis: Redis
     enqueuer: Enqueuer
     verify_token: bytes
@@ -60,14 +64,36 @@ def _text(status: int, reason: str) -> web.Response:
     return web.Response(status=status, text=reason + "\n")
 
 
+_JSON_HEADERS: Mapping[str, str] = {
+    "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+}
+
+
+def _json(data: object, status: int = 200, *, body: bytes | None = None,
+          headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON answer of the read API or a health check (`data`, or `body` already encoded):
+    never stored by a cache, never sniffed as something else by a browser."""
+    return web.Response(
+        body=body if body is not None else msgspec.json.encode(data), status=status,
+        content_type="application/json", headers={**_JSON_HEADERS, **(headers or {})},
+    )
+
+
+def _utf8(text: str) -> bytes:
+    """A header or query value as bytes for a constant-time comparison. aiohttp hands bytes that
+    are not UTF-8 over as surrogates, which a plain `.encode()` refuses (a 500)."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 async def handshake(request: web.Request) -> web.Response:
     """Facebook's subscription check: echo `hub.challenge` when mode and token match."""
     state = request.app[STATE]
     query = request.query
-    token = query.get("hub.verify_token", "").encode()
+    token = _utf8(query.get("hub.verify_token", ""))
     token_ok = hmac.compare_digest(token, state.verify_token)
     if query.get("hub.mode") == "subscribe" and token_ok and "hub.challenge" in query:
-        return web.Response(text=query["hub.challenge"])
+        return web.Response(body=_utf8(query["hub.challenge"]), content_type="text/plain",
+                            headers={"X-Content-Type-Options": "nosniff"})
     return _text(403, "verification failed")
 
 
@@ -85,23 +111,39 @@ async def receive(request: web.Request) -> web.Response:
         metrics.count_events(outcome.events)
     else:
         metrics.REJECTED[outcome.reason].inc()
-    level = logging.DEBUG if status < 300 else logging.WARNING if status >= 500 else logging.INFO
+    level = (logging.DEBUG if status < 300 else
+             logging.WARNING if outcome.reason == "queue_unavailable" else logging.INFO)
     if log.isEnabledFor(level):
         fields = request_fields(outcome, time.perf_counter() - started)
         log.log(level, "webhook %d %s", status, fields["outcome"], extra=fields)
+    if outcome.reason == "body_timeout":
+        await _answer_and_close(request, outcome.response)
     return outcome.response
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> None:
+    """Send the answer now and close the connection: aiohttp would otherwise linger to read the
+    rest of a body whose sender already had BODY_TIMEOUT_SECONDS to send it."""
+    response.force_close()
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        await response.write_eof()
+    request.protocol.force_close()
 
 
 async def _receive(request: web.Request, state: State) -> Outcome:
     content_type = request.content_type
     if request.headers.get("Content-Type") and content_type not in _JSON_TYPES:
         return Outcome(_text(415, "content type must be application/json"), "content_type")
+    signature = request.headers.get("X-Hub-Signature-256")
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return Outcome(_text(413, f"body over {state.settings.max_body_bytes} bytes"),
-                       "too_large")
-    if not state.verifier.verify(request.headers.get("X-Hub-Signature-256"), body):
+        state.bodies.check_size(request)
+        if not well_formed(signature):  # refused before a byte of the body is held
+            return Outcome(_text(403, "invalid or missing X-Hub-Signature-256"), "bad_signature")
+        body = await state.bodies.read(request)
+    except BodyRefused as exc:
+        return Outcome(_text(exc.status, str(exc)), exc.reason)
+    if not state.verifier.verify(signature, body):
         return Outcome(_text(403, "invalid or missing X-Hub-Signature-256"), "bad_signature",
                        size=len(body))
     state.clock.last = time.time()
@@ -127,42 +169,52 @@ async def metrics_endpoint(_: web.Request) -> web.Response:
 
 
 async def healthz(_: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return _json({"status": "ok"})
+
+
+READY_PROBE_MS = 10_000
+"""How long the readiness probe's key lives: it only has to be written."""
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when Redis takes a write: a PING also answers when Redis is out of memory, a
+    read-only replica, or short of the replicas `min-replicas-to-write` asks for, and every
+    webhook would then get 503."""
     state = request.app[STATE]
     try:
         async with redis_deadline(state):
-            await state.redis.ping()
+            await state.redis.set(keys.READY_PROBE, b"1", px=READY_PROBE_MS)
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
-        return web.json_response({"status": "unavailable", "redis": type(exc).__name__}, status=503)
-    return web.json_response({"status": "ready"})
+        answer = {"status": "unavailable", "redis": type(exc).__name__}
+        if isinstance(exc, ResponseError):  # Redis's own words: out of memory, read-only...
+            answer["error"] = str(exc)[:200]
+        return _json(answer, status=503)
+    return _json({"status": "ready"})
 
 
 def bearer_ok(request: web.Request, expected: bytes) -> bool:
     """Constant-time check of `Authorization: Bearer <token>`."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
+    return scheme.lower() == "bearer" and hmac.compare_digest(_utf8(token.strip()), expected)
+
+
+_UNAUTHORIZED = {"error": "missing or invalid bearer token"}
 
 
 async def attribution(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not bearer_ok(request, state.api_token):
-        return web.json_response(
-            {"error": "missing or invalid bearer token"}, status=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        return _json(_UNAUTHORIZED, status=401, headers={"WWW-Authenticate": "Bearer"})
     user = request.match_info["user_id"]
     try:
         async with redis_deadline(state):
             view = await load_attribution(state.redis, user)
     except Exception:  # noqa: BLE001
-        return web.json_response({"error": "redis unavailable"}, status=503)
+        return _json({"error": "redis unavailable"}, status=503)
     if view is None:
-        return web.json_response({"error": "no attribution for this user"}, status=404)
-    return web.Response(body=msgspec.json.encode(view), content_type="application/json")
+        return _json({"error": "no attribution for this user"}, status=404)
+    return _json(None, body=msgspec.json.encode(view))
 
 
 def report_token_ok(request: web.Request, expected: bytes) -> tuple[bool, str | None]:
@@ -171,7 +223,7 @@ def report_token_ok(request: web.Request, expected: bytes) -> tuple[bool, str | 
     if bearer_ok(request, expected):
         return True, None
     token = request.query.get("token")
-    if token is not None and hmac.compare_digest(token.encode(), expected):
+    if token is not None and hmac.compare_digest(_utf8(token), expected):
         return True, token
     return False, None
 
@@ -191,8 +243,7 @@ async def report(request: web.Request) -> web.Response:
     ok, query_token = report_token_ok(request, state.api_token)
     if not ok:
         if as_json:
-            return web.json_response({"error": "missing or invalid bearer token"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+            return _json(_UNAUTHORIZED, status=401, headers={"WWW-Authenticate": "Bearer"})
         return web.Response(status=401, headers={"WWW-Authenticate": "Bearer", **_PAGE_HEADERS},
                             text="Unauthorized: open /report?token=<API_TOKEN> or send "
                                  "Authorization: Bearer <API_TOKEN>.\n")
@@ -202,18 +253,16 @@ async def report(request: web.Request) -> web.Response:
         if not 0 <= limit <= 10_000:
             raise ValueError
     except ReportRangeError as exc:
-        return web.json_response({"error": str(exc)}, status=400)
+        return _json({"error": str(exc)}, status=400)
     except ValueError:
-        return web.json_response({"error": "limit must be a whole number, 0 to 10000"},
-                                 status=400)
+        return _json({"error": "limit must be a whole number, 0 to 10000"}, status=400)
     try:
         async with redis_deadline(state):
             result = await build_report(state.redis, first, last, limit)
     except Exception:  # noqa: BLE001
-        return web.json_response({"error": "redis unavailable"}, status=503)
+        return _json({"error": "redis unavailable"}, status=503)
     if as_json:
-        return web.Response(body=encode_report(result), content_type="application/json",
-                            headers={"Cache-Control": "no-store"})
+        return _json(None, body=encode_report(result))
     given_limit = limit if "limit" in query else None
     return web.Response(text=render(result, query_token, given_limit), content_type="text/html",
                         headers=_PAGE_HEADERS)
@@ -225,6 +274,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = State(
         settings=settings,
         verifier=SignatureVerifier(settings.fb_app_secrets),
+        bodies=BodyReader(settings),
         redis=redis,
         enqueuer=Enqueuer(redis, settings),
         verify_token=settings.fb_verify_token.encode(),
@@ -248,19 +298,43 @@ async def _watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def _metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Serve /metrics on INGEST_METRICS_PORT, away from the public port (0: off)."""
+    settings = app[SETTINGS]
+    if not settings.ingest_metrics_port:
+        yield
+        return
+    metrics_app = web.Application()
+    metrics_app.router.add_get("/metrics", metrics_endpoint)
+    runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, settings.ingest_host, settings.ingest_metrics_port).start()
+    log.info("metrics on port %d", settings.ingest_metrics_port)
+    yield
+    await runner.cleanup()
+
+
 def create_app(settings: Settings) -> web.Application:
-    """Build the ingest application; Redis is opened on start-up and closed on clean-up."""
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    """Build the ingest application; Redis is opened on start-up and closed on clean-up.
+
+    aiohttp reads what is left of a body the handler did not read (a 413, a 503) for at most
+    `lingering_time` before it closes the connection: BODY_TIMEOUT_SECONDS too, not its 10 s."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        handler_args={"lingering_time": settings.body_timeout_s, "logger": server_log},
+    )
     app[SETTINGS] = settings
     app[CLOCK] = WebhookClock()
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_watchdog_ctx)
+    app.cleanup_ctx.append(_metrics_port_ctx)
     app.router.add_get("/webhook", handshake)
     app.router.add_post("/webhook", receive)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/attribution/{user_id}", attribution)
-    app.router.add_get("/metrics", metrics_endpoint)
+    if not settings.ingest_metrics_port:  # else only on its own port
+        app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/report", report)
     app.router.add_get("/report.json", report)
     return app

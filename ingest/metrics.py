@@ -17,11 +17,14 @@ from shared.kinds import KINDS
 if TYPE_CHECKING:
     from ingest.envelope import Routed
 
-STATUSES: Final = (200, 400, 403, 413, 415, 503)
+STATUSES: Final = (200, 400, 403, 408, 413, 415, 503)
 """Every status POST /webhook answers with."""
 
-REASONS: Final = ("content_type", "too_large", "bad_signature", "bad_request", "queue_unavailable")
-"""Why POST /webhook refused a request: 415, 413, 403, 400 and 503 in that order."""
+REASONS: Final = ("content_type", "too_large", "bad_signature", "bad_request", "queue_unavailable",
+                  "body_timeout", "busy", "incomplete_body")
+"""Why POST /webhook refused a request: 415, 413, 403, 400 and 503 in that order, then 408 (the
+body did not arrive in time), 503 (too many large bodies being read) and 400 (the client went
+away, or broke its chunked encoding, before the body ended)."""
 
 CHANNELS: Final = ("messaging", "standby", "entry")
 """Where an event was in its entry; `entry` is an entry that was not an object."""
@@ -61,6 +64,10 @@ SINCE_LAST = Gauge(
 LAST_TIMESTAMP = Gauge(
     "fbhook_last_webhook_timestamp_seconds",
     "Unix time of the last correctly signed POST /webhook (0 if none since start-up).",
+)
+MALFORMED = Counter(
+    "fbhook_malformed_requests",
+    "Requests aiohttp could not parse as HTTP (a bad request line, a duplicated Content-Type...).",
 )
 WATCHDOG_WARNINGS = Counter(
     "fbhook_watchdog_warnings",

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ingest import metrics
 from ingest.envelope import Routed
@@ -89,6 +90,27 @@ def request_fields(outcome: Outcome, seconds: float) -> dict[str, Any]:
     if outcome.error:
         fields["error"] = outcome.error
     return fields
+
+
+class _QuietParseErrors(logging.Filter):
+    """aiohttp logs a request it cannot parse (a bad request line, a duplicated Content-Type) at
+    error level with a traceback. Count it and log one info line instead, naming only the error's
+    class: its message may quote the raw bytes of the request, tokens included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        metrics.MALFORMED.inc()
+        log.log(min(record.levelno, logging.INFO), "malformed HTTP request: %s",
+                type(error).__name__, extra={"status": error.code, "error": type(error).__name__})
+        return False
+
+
+server_log = logging.getLogger("fbhook.ingest.http")
+"""The logger aiohttp's connection handler writes to (instead of `aiohttp.server`): requests it
+could not parse leave one quiet line; anything else keeps its level and traceback."""
+server_log.addFilter(_QuietParseErrors())
 
 
 def check_every(limit_s: float) -> float:

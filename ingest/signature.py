@@ -32,6 +32,19 @@ class SignatureVerifier:
         return matched
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def well_formed(header: str | None) -> bool:
+    """Whether the header could be a signature at all (`sha256=` and 64 hex digits): checked
+    before the body is read, so that a request without one is refused without buffering it."""
+    if not header:
+        return False
+    digest = header.strip()
+    return (digest.startswith(_PREFIX) and len(digest) == len(_PREFIX) + 64
+            and _HEX.issuperset(digest[len(_PREFIX):]))
+
+
 def sign(secret: bytes, body: bytes) -> str:
     """The header value Facebook would send for `body`; used by tests, `simulate` and benchmarks."""
     return _PREFIX + hmac.new(secret, body, hashlib.sha256).hexdigest()

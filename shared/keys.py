@@ -28,6 +28,9 @@ the day taken from the touch's timestamp in UTC (see workers/effects.lua and sha
 REPORT_ADS = "fb:report:ads"
 """A hash of ad id -> ad title, from the `ads_context_data` of ad touches."""
 
+READY_PROBE = "fb:ready"
+"""Written with a short TTL by the ingest's `/readyz`: ready means Redis takes writes."""
+
 
 def stream(kind: str) -> str:
     return STREAM_PREFIX + kind

@@ -82,6 +82,10 @@ def parse_range(start: str | None, end: str | None, today: dt.date | None = None
                  else last - dt.timedelta(days=DEFAULT_DAYS - 1))
     except ValueError:
         raise ReportRangeError("from and to must be dates written YYYY-MM-DD") from None
+    except OverflowError:  # the default `from` would fall before 0001-01-01
+        raise ReportRangeError(
+            f"without from, to must be at least {DEFAULT_DAYS - 1} days after 0001-01-01",
+        ) from None
     if first > last:
         raise ReportRangeError("from must not be after to")
     if (last - first).days >= MAX_DAYS:

@@ -97,6 +97,9 @@ class Settings:
     ingest_host: str = "0.0.0.0"  # noqa: S104 - a container listens on every interface
     ingest_port: int = 8080
     max_body_bytes: int = 1_048_576
+    body_timeout_s: float = 10.0
+    max_bodies_buffering: int = 8
+    ingest_metrics_port: int = 0
     redis_timeout_s: float = 1.5
     dedupe_ttl_s: int = 172_800
     stream_maxlen: int = 1_000_000
@@ -185,6 +188,9 @@ _SPEC: dict[str, tuple[str, Callable[[str, str], object], bool]] = {
     "INGEST_HOST": ("ingest_host", _text, False),
     "INGEST_PORT": ("ingest_port", _int(1, 65535), False),
     "MAX_BODY_BYTES": ("max_body_bytes", _int(1024, 64 * 1024 * 1024), False),
+    "BODY_TIMEOUT_SECONDS": ("body_timeout_s", _float(0.1, 600.0), False),
+    "MAX_BODIES_BUFFERING": ("max_bodies_buffering", _int(1, 10_000), False),
+    "INGEST_METRICS_PORT": ("ingest_metrics_port", _int(0, 65535), False),
     "REDIS_TIMEOUT_SECONDS": ("redis_timeout_s", _float(0.05, 30.0), False),
     "DEDUPE_TTL_SECONDS": ("dedupe_ttl_s", _int(60, 30 * 86400), False),
     "STREAM_MAXLEN": ("stream_maxlen", _int(100, 1_000_000_000), False),

@@ -1,0 +1,74 @@
+"""Reading a webhook body in bounded time and memory, whoever sends it.
+
+aiohttp's `request.read()` waits as long as the client likes and holds up to `client_max_size`
+bytes per request, so a few hundred uploads stalled just before their last byte held hundreds of
+megabytes for as long as their senders wished. Here a body must arrive within
+BODY_TIMEOUT_SECONDS of its headers, and a body larger than the buffer aiohttp fills for every
+connection anyway needs one of MAX_BODIES_BUFFERING slots to be read at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from shared.errors import BodyRefused
+from shared.settings import Settings
+
+FREE_BYTES = 65_536
+"""Bodies announced at up to this size are read without a slot: aiohttp buffers up to twice its
+`read_bufsize` (64 KiB) of any connection's body before a handler reads it, so holding such a
+body costs no more than a connection does. Facebook's webhooks are a few kilobytes."""
+
+SLOT_WAIT_S = 0.5
+"""How long a large body waits for a free slot before 503. A slot is freed as soon as the body
+that holds it is read, in milliseconds when the sender is honest; waiting longer would only let
+stalled uploads hold more connections."""
+
+
+class BodyReader:
+    """Reads request bodies under the limits of one ingest process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.timeout_s = settings.body_timeout_s
+        self._max_bytes = settings.max_body_bytes
+        self._slots = asyncio.Semaphore(settings.max_bodies_buffering)
+
+    def check_size(self, request: web.Request) -> None:
+        """Refuse a body announced larger than MAX_BODY_BYTES before reading any of it."""
+        declared = request.content_length
+        if declared is not None and declared > self._max_bytes:
+            raise BodyRefused(413, "too_large", f"body over {self._max_bytes} bytes")
+
+    async def read(self, request: web.Request) -> bytes:
+        """The whole body; raises BodyRefused when it is too large, the slots are taken, it did not
+        arrive in time, or the client went away before sending it all."""
+        self.check_size(request)
+        declared = request.content_length
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        if declared is not None and declared <= FREE_BYTES:
+            return await self._read(request, deadline)
+        try:
+            async with asyncio.timeout(min(SLOT_WAIT_S, self.timeout_s)):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise BodyRefused(503, "busy", "too many uploads in progress, retry later") from None
+        try:
+            return await self._read(request, deadline)
+        finally:
+            self._slots.release()
+
+    async def _read(self, request: web.Request, deadline: float) -> bytes:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await request.read()
+        except TimeoutError:
+            raise BodyRefused(
+                408, "body_timeout", f"body not received within {self.timeout_s:g} s",
+            ) from None
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyRefused(413, "too_large", f"body over {self._max_bytes} bytes") from None
+        except (ConnectionError, HttpProcessingError):
+            raise BodyRefused(400, "incomplete_body", "body ended before it was complete") from None
