@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import io
@@ -181,6 +182,34 @@ def test_the_console_script_is_installed() -> None:
     for command in ("serve", "worker", "dev", "check-config", "simulate", "attribution",
                     "events", "dead-letters"):
         assert command in done.stdout
+
+
+def subcommands() -> list[str]:
+    """Every top-level command of `fbhook`, from its parser."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+def test_every_command_is_in_the_readme_list_and_the_cli_docs_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    listed = readme.split("- **`fbhook`**, installed with the package:", 1)[1].split("\n- ", 1)[0]
+    table = (ROOT / "docs" / "cli.md").read_text().split("\n\n|", 1)[1].split("\n\n", 1)[0]
+    for command in subcommands():
+        assert f"`{command}" in listed, f"README's command list lacks {command}"
+        assert f"[`{command}" in table, f"docs/cli.md's table lacks {command}"
+
+
+def test_the_readme_opens_with_the_two_commands_of_a_fresh_machine() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.strip()]
+    commands = [line for line in lines if not line.startswith("#")]
+    assert commands == ["make dev", "make test"]
+    about_tests = " ".join(lines[lines.index("make dev") + 1:lines.index("make test")])
+    assert "../shared/corpus/cases" in about_tests and "FBHOOK_CORPUS" in about_tests
+    targets = re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), re.M)
+    assert "dev" in targets and "test" in targets
 
 
 # --- simulate and attribution ------------------------------------------------------------------
