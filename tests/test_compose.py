@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,7 @@ OWN_VALUES = {
 CHANGED = {
     **EXAMPLE, **OWN_VALUES,
     "INGEST_PORT": "9091", "INGEST_HOST": "127.0.0.1", "REDIS_URL": "redis://elsewhere:6379/0",
-    "WORKER_METRICS_PORT": "9200",
+    "WORKER_METRICS_PORT": "9200", "INGEST_METRICS_PORT": "8080",
 }
 """A `.env` copied from `.env.example` and edited: own secrets, another port, and settings that
 make no sense inside a container."""
@@ -183,6 +184,9 @@ def test_the_ingest_listens_where_compose_publishes_and_probes_it(dotenv: dict[s
     assert published_ports("ingest", dotenv) == [(host_port, settings.ingest_port)]
     assert probed_port("ingest") == settings.ingest_port == 8080
     assert settings.ingest_host == "0.0.0.0"  # reachable through the port mapping
+    # /metrics has a port of its own, published nowhere.
+    assert settings.ingest_metrics_port == 9100
+    assert all(inside != 9100 for _, inside in published_ports("ingest", dotenv))
     for service in ("ingest", "worker"):
         env = container_env(service, dotenv)
         assert env["REDIS_URL"] == "redis://redis:6379/0", service
@@ -197,17 +201,20 @@ def test_compose_stops_with_a_message_when_env_lacks_a_secret() -> None:
             container_env("ingest", dotenv)
 
 
-def _process_env(service: str, dotenv: dict[str, str], redis_url: str, port: int) -> dict[str, str]:
-    """`container_env` for a process on this machine: REDIS_URL is the test Redis, and port
-    8080, the container's own, is the free `port` here (everywhere the container uses it)."""
+def _process_env(
+    service: str, dotenv: dict[str, str], redis_url: str, port: int, metrics_port: int = 0
+) -> dict[str, str]:
+    """`container_env` for a process on this machine: REDIS_URL is the test Redis, and the
+    container's own ports are free ones here: 8080 is `port`, the ingest's 9100 `metrics_port`
+    (the worker's 9100 is turned off)."""
     env = {k: v for k, v in os.environ.items() if k not in _SPEC}
     env.update(container_env(service, dotenv))
     if service == "ingest":
-        assert env["INGEST_PORT"] == "8080"
-        env["INGEST_PORT"] = str(port)
+        assert (env["INGEST_PORT"], env["INGEST_METRICS_PORT"]) == ("8080", "9100")
+        env.update(INGEST_PORT=str(port), INGEST_METRICS_PORT=str(metrics_port))
     env.update(
         REDIS_URL=redis_url,
-        WORKER_METRICS_PORT="0",  # the metrics port of a container, not free here
+        WORKER_METRICS_PORT="0",
         WORKER_POLL_DELAY_SECONDS="0.01",
         LOG_LEVEL="warning",
     )
@@ -234,6 +241,8 @@ def _get(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
     except OSError:
         return 0
 
@@ -244,7 +253,7 @@ def test_service_commands_run_the_system_as_plain_processes(redis_proc: RedisPro
 
     client = redis.Redis.from_url(redis_proc.url)
     client.flushall()
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for name in ("ingest", "worker"):
@@ -252,13 +261,15 @@ def test_service_commands_run_the_system_as_plain_processes(redis_proc: RedisPro
                 subprocess.Popen(
                     _here(SERVICES[name]["command"]),
                     cwd=ROOT,
-                    env=_process_env(name, CHANGED, redis_proc.url, port),
+                    env=_process_env(name, CHANGED, redis_proc.url, port, metrics_port),
                 )
             )
         deadline = time.monotonic() + 20
         while _get(f"http://127.0.0.1:{port}/readyz") != 200:
             assert time.monotonic() < deadline, "ingest never became ready"
             time.sleep(0.1)
+        assert _get(f"http://127.0.0.1:{metrics_port}/metrics") == 200
+        assert _get(f"http://127.0.0.1:{port}/metrics") == 404
 
         secret = CHANGED["FB_APP_SECRET"].split(",")[0]
         body = json.dumps(
