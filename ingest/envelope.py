@@ -1,10 +1,15 @@
-"""Turns a webhook body into queued events: one per item of every `messaging[]` and `standby[]`.
+"""Turns a webhook body into queued events: one per item, wherever it is in the body.
 
-Items in `changes[]` (the App Dashboard's test format) count when their value is a Messenger
-event. The fast path decodes the envelope into typed Structs and keeps each item as raw JSON bytes.
-When Facebook's shapes are odd (an id of another type, `messaging` that is not a list, an entry
-that is not an object), the lenient path walks plain values instead: a correctly signed body with
-an `entry` list is never refused, and nothing in it is dropped.
+Every item of every `entry[].messaging[]` and `standby[]` is one event; so is every item of
+`entry[].changes[]`: routed like a messaging item when its value is a Messenger event (the App
+Dashboard's test format), else an event of the change's own kind (its `field`). An `entry[]`
+element that is not an object is kept whole as one `unknown` event. Nothing in a correctly
+signed body with an `entry` list is refused or dropped.
+
+The envelope is decoded into typed Structs that keep every item as its raw JSON text, exactly as
+sent; an item is decoded to Python values only when a typed glance cannot route it. A body that
+holds a lone UTF-16 surrogate escape (valid JSON that msgspec refuses) is read through a copy
+in which each one is U+FFFD, and each item's text is then taken from the body as received.
 """
 
 from __future__ import annotations
@@ -13,47 +18,51 @@ import hashlib
 from typing import Any, NamedTuple
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from shared.codec import QueuedEvent, encode_event
 from shared.errors import BadRequest
-from shared.kinds import UNKNOWN, classify
+from shared.identity import as_id
+from shared.jsontext import loads, without_lone_surrogates
+from shared.kinds import MID_KINDS, UNKNOWN, change_kind, classify, is_messaging_value, message_kind
 
 CHANNELS = ("messaging", "standby")
-_MID_KINDS = {"message": "message", "message_echo": "message", "postback": "postback"}
-
-
-class _Change(msgspec.Struct):
-    field: str | None = None
-    value: msgspec.Raw | None = None
 
 
 class _Entry(msgspec.Struct):
-    id: str | int | None = None
-    messaging: list[msgspec.Raw] | None = None
-    standby: list[msgspec.Raw] | None = None
-    changes: list[_Change] | None = None
+    id: Any = None
+    messaging: msgspec.Raw = msgspec.Raw()
+    standby: msgspec.Raw = msgspec.Raw()
+    changes: msgspec.Raw = msgspec.Raw()
 
 
 class _Envelope(msgspec.Struct):
-    entry: list[_Entry]
+    entry: list[msgspec.Raw]
+    object: Any = None
+
+
+class _Change(msgspec.Struct):
+    field: Any = None
+    value: msgspec.Raw = msgspec.Raw()
 
 
 class _MidHead(msgspec.Struct):
-    mid: str | int | None = None
+    mid: Any = None
     is_echo: Any = None
+    is_deleted: Any = None
 
 
 class _Head(msgspec.Struct):
     """A typed glance at an item: enough to route a message or postback that has a mid (most
-    traffic) without building the item as Python objects."""
+    traffic) without building the item as Python objects. UNSET: the key is absent."""
 
-    message: _MidHead | None = None
-    postback: _MidHead | None = None
+    message: _MidHead | UnsetType | None = UNSET
+    postback: _MidHead | UnsetType | None = UNSET
 
 
 class Routed(NamedTuple):
-    """One event ready for the queue: its dedupe id, its kind (the job function) and its bytes
-    (the first three go to Redis), then where it was, for metrics and the request's log line."""
+    """One event ready for the queue: its dedupe id, its kind and its bytes (the first three go
+    to Redis), then where it was, for metrics and the request's log line."""
 
     id: str
     kind: str
@@ -62,9 +71,12 @@ class Routed(NamedTuple):
     page: str | None = None
 
 
-_fast_decoder = msgspec.json.Decoder(_Envelope)
-_head_decoder = msgspec.json.Decoder(_Head)
-_any_decoder = msgspec.json.Decoder()
+# Numbers out of a float's range decode as infinities (shared/jsontext.py), never as errors.
+_envelope_decoder = msgspec.json.Decoder(_Envelope, float_hook=float)
+_entry_decoder = msgspec.json.Decoder(_Entry, float_hook=float)
+_change_decoder = msgspec.json.Decoder(_Change, float_hook=float)
+_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_head_decoder = msgspec.json.Decoder(_Head, float_hook=float)
 _canonical = msgspec.json.Encoder(order="sorted").encode
 _plain = msgspec.json.Encoder().encode
 
@@ -102,140 +114,160 @@ def _too_deep(body: bytes) -> bool:
 
 
 def parse(body: bytes, received_ms: int) -> list[Routed]:
-    """Every event in the body, in order. Raises BadRequest only for a body that is no envelope
-    (or nests deeper than MAX_DEPTH)."""
+    """Every event in the body, in order. Raises BadRequest only for a body that is not JSON, is
+    no envelope, or nests deeper than MAX_DEPTH."""
     try:
-        # JSON is UTF-8: checked once for the whole body, since items kept raw (and the fields
-        # a typed glance skips) are not decoded here.
-        body.decode()
-        return _parse(body, received_ms)
-    except (UnicodeDecodeError, msgspec.DecodeError):
-        # An item the fast path kept raw fails to decode: invalid UTF-8 inside a string, or a
-        # number out of range (1e400), which the lenient path refuses the same way.
+        body.decode()  # JSON is UTF-8: checked once for the whole body
+    except UnicodeDecodeError:
         raise BadRequest(NOT_JSON) from None
+    envelope, readable = _decode_envelope(body)
+    return _Reader(body, readable, _object(envelope.object), received_ms).read(envelope)
 
 
-def _parse(body: bytes, received_ms: int) -> list[Routed]:
-    envelope = _decode_envelope(body)
-    if envelope is None:
-        return _parse_lenient(body, received_ms)
-    out: list[Routed] = []
-    for entry in envelope.entry:
-        page = None if entry.id is None else str(entry.id)
-        if entry.messaging:
-            for raw in entry.messaging:
-                out.append(_route_raw(raw, "messaging", page, received_ms))
-        if entry.standby:
-            for raw in entry.standby:
-                out.append(_route_raw(raw, "standby", page, received_ms))
-        if entry.changes:
-            for change in entry.changes:
-                if change.value is not None:
-                    value = _any_decoder.decode(change.value)
-                    if _is_messaging_item(value):
-                        out.append(_route(change.value, value, "messaging", page, received_ms))
-    return out
-
-
-def _decode_envelope(body: bytes) -> _Envelope | None:
-    """The typed envelope, or None when its shapes are odd (the lenient path reads it then)."""
-    envelope: _Envelope | None = None
+def _decode_envelope(body: bytes) -> tuple[_Envelope, bytes]:
+    """The typed envelope and the text it was read from: the body, or its copy without lone
+    surrogates when it holds any."""
+    readable = body
     try:
-        envelope = _fast_decoder.decode(body)
+        try:
+            envelope = _envelope_decoder.decode(body)
+        except msgspec.ValidationError:
+            raise
+        except msgspec.DecodeError:
+            readable = without_lone_surrogates(body)
+            if readable is body:
+                raise
+            envelope = _envelope_decoder.decode(readable)
     except msgspec.ValidationError:
-        pass
+        raise BadRequest(NOT_ENVELOPE) from None
     except msgspec.DecodeError:
         raise BadRequest(NOT_JSON) from None
     except RecursionError:
         raise BadRequest(TOO_DEEP) from None
     if _too_deep(body):
         raise BadRequest(TOO_DEEP)
-    return envelope
+    return envelope, readable
 
 
-def _is_messaging_item(value: Any) -> bool:
-    """A `changes[].value` that is a Messenger event (the App Dashboard's test format) rather
-    than a Page change such as a feed post: it names a sender or a recipient."""
-    return isinstance(value, dict) and ("sender" in value or "recipient" in value)
+def _object(value: Any) -> str:
+    """The envelope's `object` as sent: a string as it is, empty when absent, else its JSON."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else _plain(value).decode()
 
 
-def _parse_lenient(body: bytes, received_ms: int) -> list[Routed]:
-    try:
-        doc = _any_decoder.decode(body)
-    except msgspec.DecodeError:
-        raise BadRequest(NOT_JSON) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("entry"), list):
-        raise BadRequest(NOT_ENVELOPE)
-    out: list[Routed] = []
-    for entry in doc["entry"]:
-        if not isinstance(entry, dict):
-            # Not an entry object: no page, no items; keep it whole as one unknown event.
-            out.append(_route(msgspec.Raw(_plain(entry)), entry, "entry", None, received_ms))
-            continue
-        page = _as_id(entry.get("id"))
-        for channel in CHANNELS:
-            items = entry.get(channel)
-            if items is None:
+class _Reader:
+    """Routes the items of one body. `readable` is the body, or its copy without lone
+    surrogates (same length, same offsets): an item's text as sent is then cut from the body
+    at the place its readable text was found."""
+
+    def __init__(self, body: bytes, readable: bytes, obj: str, received_ms: int) -> None:
+        self.body, self.readable, self.obj, self.now = body, readable, obj, received_ms
+        self.out: list[Routed] = []
+        self._cursor = 0
+
+    def read(self, envelope: _Envelope) -> list[Routed]:
+        for raw in envelope.entry:
+            start = self._locate(raw, self._cursor)
+            self._cursor = start + len(raw)
+            try:
+                entry = _entry_decoder.decode(raw)
+            except msgspec.ValidationError:
+                # Not an entry object: no page, no items; kept whole as one unknown event.
+                self._add(raw, UNKNOWN, "entry", None, loads(raw), start)
                 continue
-            for item in items if isinstance(items, list) else [items]:
-                out.append(_route(msgspec.Raw(_plain(item)), item, channel, page, received_ms))
-        changes = entry.get("changes")
-        for change in changes if isinstance(changes, list) else []:
-            value = change.get("value") if isinstance(change, dict) else None
-            if _is_messaging_item(value):
-                raw = msgspec.Raw(_plain(value))
-                out.append(_route(raw, value, "messaging", page, received_ms))
-    return out
+            page = as_id(entry.id)
+            for channel in CHANNELS:
+                for item, at in self._items(getattr(entry, channel), start):
+                    self._route(item, channel, page, at)
+            for change, at in self._items(entry.changes, start):
+                self._route_change(change, page, at)
+        return self.out
 
+    def _items(self, raw: msgspec.Raw, start: int) -> list[tuple[msgspec.Raw, int]]:
+        """The items of a `messaging`, `standby` or `changes` value with their places: a list's
+        elements, or the value itself when it is not a list (absent or null: none)."""
+        if not raw or bytes(raw) == b"null":
+            return []
+        try:
+            items = _items_decoder.decode(raw)
+        except msgspec.ValidationError:
+            items = [raw]
+        placed = []
+        for item in items:
+            start = self._locate(item, start)
+            placed.append((item, start))
+            start += len(item)
+        return placed
 
-def _route_raw(raw: msgspec.Raw, channel: str, page: str | None, now: int) -> Routed:
-    """Route an item kept as raw JSON: the typed glance when it is a message or postback with a
-    mid, else the item decoded to plain values. Both give the same kind and id."""
-    try:
-        head = _head_decoder.decode(raw)
-    except msgspec.ValidationError:
-        head = None
-    if head is not None:
-        body, kind = head.message, "message"
-        if body is None:
-            body, kind = head.postback, "postback"
-        elif body.is_echo is True:
-            kind = "message_echo"
-        mid = None if body is None else body.mid
-        if mid is not None and mid != "":
-            event_id = f"{kind}:{mid}"
-            blob = encode_event(QueuedEvent(event_id, channel, page, now, raw))
-            return Routed(event_id, kind, blob, channel, page)
-    return _route(raw, _any_decoder.decode(raw), channel, page, now)
+    def _locate(self, raw: msgspec.Raw, start: int) -> int:
+        """Where `raw` stands in the body (only needed when the body was read from a copy)."""
+        if self.readable is self.body:
+            return -1
+        found = self.readable.find(bytes(raw), max(start, 0))
+        return found if found >= 0 else self.readable.find(bytes(raw))
 
+    def _route(self, raw: msgspec.Raw, channel: str, page: str | None, at: int) -> None:
+        """A messaging or standby item: the typed glance when it is a message or postback with
+        a mid, else the item decoded to plain values. Both give the same kind and id."""
+        try:
+            head: _Head | None = _head_decoder.decode(raw)
+        except msgspec.ValidationError:
+            head = None
+        if head is not None:
+            body, kind = head.message, ""
+            if isinstance(body, _MidHead):
+                kind = message_kind(body.is_echo, body.is_deleted)
+            elif body is UNSET and isinstance(head.postback, _MidHead):
+                body, kind = head.postback, "postback"
+            mid = as_id(body.mid) if isinstance(body, _MidHead) else None
+            if mid:
+                self._add(raw, kind, channel, page, None, at, f"{kind}:{mid}")
+                return
+        item = loads(raw)
+        self._add(raw, classify(item), channel, page, item, at)
 
-def _route(raw: msgspec.Raw, item: Any, channel: str, page: str | None, now: int) -> Routed:
-    kind = classify(item) if channel != "entry" else UNKNOWN
-    event_id = dedupe_id(kind, item, page)
-    blob = encode_event(QueuedEvent(event_id, channel, page, now, raw))
-    return Routed(event_id, kind, blob, channel, page)
+    def _route_change(self, raw: msgspec.Raw, page: str | None, at: int) -> None:
+        try:
+            change = _change_decoder.decode(raw)
+        except msgspec.ValidationError:  # not an object
+            self._add(raw, UNKNOWN, "changes", page, loads(raw), at)
+            return
+        if change.value:
+            value = loads(change.value)
+            if is_messaging_value(value):
+                at = self._locate(change.value, at)
+                self._add(change.value, classify(value), "messaging", page, value, at)
+                return
+        self._add(raw, change_kind(change.field), "changes", page, loads(raw), at)
+
+    def _add(self, raw: msgspec.Raw, kind: str, channel: str, page: str | None, item: Any,
+             at: int, event_id: str | None = None) -> None:
+        if event_id is None:
+            event_id = dedupe_id(kind, item, page)
+        text = None
+        if at >= 0:
+            sent = self.body[at:at + len(raw)]
+            if sent != bytes(raw):
+                text = sent.decode()
+        blob = encode_event(QueuedEvent(event_id, kind, channel, self.obj, page, self.now, raw,
+                                        text))
+        self.out.append(Routed(event_id, kind, blob, channel, page))
 
 
 def dedupe_id(kind: str, item: Any, page: str | None) -> str:
     """`<kind>:<mid>` where Facebook gives a mid; else a hash of the item's canonical JSON.
 
     The item (not the entry) is hashed: `entry.time` changes when Facebook retries, the item
-    does not. Keys are sorted so that a re-serialised copy hashes the same.
+    does not. Keys are sorted so that a re-serialised copy hashes the same. An unsend and an
+    edit have kinds of their own, so neither is ever a duplicate of the message it changes.
     """
-    key = _MID_KINDS.get(kind)
+    key = MID_KINDS.get(kind)
     if key is not None:
-        mid = item[key].get("mid")
-        if isinstance(mid, str | int) and not isinstance(mid, bool) and mid != "":
+        mid = as_id(item[key].get("mid"))
+        if mid:
             return f"{kind}:{mid}"
     digest = hashlib.blake2b(_canonical(item), digest_size=16, person=b"fbhook-item")
     if page is not None:
         digest.update(page.encode())
     return "h:" + digest.hexdigest()
-
-
-def _as_id(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(int(value)) if float(value).is_integer() else str(value)
-    return None

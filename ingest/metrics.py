@@ -26,7 +26,7 @@ REASONS: Final = ("content_type", "too_large", "bad_signature", "bad_request", "
 body did not arrive in time), 503 (too many large bodies being read) and 400 (the client went
 away, or broke its chunked encoding, before the body ended)."""
 
-CHANNELS: Final = ("messaging", "standby", "entry")
+CHANNELS: Final = ("messaging", "standby", "changes", "entry")
 """Where an event was in its entry; `entry` is an entry that was not an object."""
 
 REQUESTS = Counter(
@@ -106,9 +106,18 @@ def count_request(status: int) -> None:
     (child if child is not None else REQUESTS.labels(str(status))).inc()
 
 
+MAX_CHANGE_KINDS: Final = 200
+"""Change kinds come from the bodies' `field` names: past this many, more are counted as
+`other`, so the metric's size stays bounded."""
+
+
 def count_event(kind: str, channel: str, n: int = 1) -> None:
     child = EVENTS_BY_KIND.get((kind, channel))
-    (child if child is not None else EVENTS.labels(kind, channel)).inc(n)
+    if child is None:
+        if len(EVENTS_BY_KIND) >= len(KINDS) * len(CHANNELS) + MAX_CHANGE_KINDS:
+            kind = "other"
+        child = EVENTS_BY_KIND[kind, channel] = EVENTS.labels(kind, channel)
+    child.inc(n)
 
 
 def count_events(events: Sequence[Routed]) -> None:

@@ -26,6 +26,7 @@ from ingest.envelope import Routed
 from shared import keys
 from shared.codec import JOB_TTL_MS, arq_job
 from shared.errors import QueueUnavailable
+from shared.kinds import job_for
 from shared.pinned import Pinned
 from shared.settings import Settings
 
@@ -147,10 +148,11 @@ class Enqueuer:
         jobs: list[tuple[str, list[str]]] = []
         places: list[tuple[str, int, int]] = []
         for event in events:
-            current = open_jobs.get(event.kind)
+            job = job_for(event.kind)
+            current = open_jobs.get(job)
             if current is None or len(current[1]) >= self._max_events:
-                jobs.append((event.kind, []))
-                current = open_jobs[event.kind] = (len(jobs), jobs[-1][1])
+                jobs.append((job, []))
+                current = open_jobs[job] = (len(jobs), jobs[-1][1])
             number, members = current
             # Redis's Lua MessagePack decoder knows str but not bin: events travel as text.
             members.append(event.blob.decode())

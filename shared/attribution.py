@@ -13,6 +13,7 @@ into a full hash table).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Final
 
 import msgspec
@@ -22,7 +23,9 @@ from shared import keys
 
 
 class Touch(msgspec.Struct, frozen=True):
-    """One referral touch: where a user came from, when, and which part of the event said so."""
+    """One referral touch: where a user came from, when, and which part of the event said so.
+    The one definition of a touch: its stored layout (`POSITIONS`), the API's and the CLI's
+    columns and the positions workers/effects.lua reads are all derived from these fields."""
 
     timestamp: int
     via: str
@@ -35,6 +38,14 @@ class Touch(msgspec.Struct, frozen=True):
     referer_uri: str | None = None
     product_id: str | None = None
     page_id: str | None = None
+    tie: int = 0
+    """Orders touches of equal timestamps, whatever order they arrive in: a number derived from
+    the event's id (shared/attribution.py `tie_break`)."""
+    timestamp_from: str = "event"
+    """`event`, or `received` when the event's timestamp was missing, 0, or more than a day
+    ahead of the time ingest received it: the received time stands in for it then."""
+    object: str = ""
+    """The envelope's `object` (`page`, `instagram`) of the event that carried the touch."""
 
 
 class AttributionView(msgspec.Struct, frozen=True):
@@ -51,23 +62,33 @@ class AttributionView(msgspec.Struct, frozen=True):
 VIA: Final = ("referral", "postback", "message")
 """`via` is stored as its index in this tuple."""
 
-POSITIONS: Final = ("timestamp", "via", "source", "type", "ref", "ad_id", "ads_context_data",
-                    "referer_uri", "product_id", "page_id")
+POSITIONS: Final[tuple[str, ...]] = tuple(Touch.__struct_fields__)
 """The order of a stored touch's values; workers/effects.lua reads them by these positions."""
 
-_FIELDS = tuple(Touch.__struct_fields__)
+_FIELDS = POSITIONS
+_DEFAULTS: Final[tuple[Any, ...]] = (
+    (None,) * (len(POSITIONS) - len(Touch.__struct_defaults__)) + Touch.__struct_defaults__)
 _json = msgspec.json.Encoder().encode
 _decode_record = msgspec.msgpack.Decoder(tuple[int, Any, list[list[Any]]]).decode
 
 
+def tie_break(event_id: str) -> int:
+    """A deterministic 31-bit number from an event id (it fits Lua's numbers exactly)."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=4).digest()) >> 1
+
+
 def pack_touch(touch: Touch) -> list[Any]:
-    """A touch as stored: positional, `via` as an index, false for every absent value."""
-    return [
-        touch.timestamp, VIA.index(touch.via), touch.source or False, touch.type or False,
-        touch.ref or False, touch.ad_id or False,
-        _json(touch.ads_context_data).decode() if touch.ads_context_data else False,
-        touch.referer_uri or False, touch.product_id or False, touch.page_id or False,
-    ]
+    """A touch as stored: positional, `via` as an index, `ads_context_data` as JSON text, false
+    for every absent or default value (so that Lua keeps every position, in few bytes)."""
+    out: list[Any] = []
+    for name, default in zip(POSITIONS, _DEFAULTS, strict=True):
+        value = getattr(touch, name)
+        if name == "via":
+            value = VIA.index(value)
+        elif name == "ads_context_data":
+            value = _json(value).decode() if value else None
+        out.append(False if value is None or value == "" or value == default else value)
+    return out
 
 
 def _context(stored: Any) -> dict[str, Any] | None:
@@ -81,16 +102,24 @@ def _context(stored: Any) -> dict[str, Any] | None:
 
 
 def unpack_touch(values: list[Any]) -> Touch:
-    v: list[Any] = [None if x is False else x for x in values]
-    v += [None] * (len(POSITIONS) - len(v))
-    via, context = v[1], _context(v[6])
-    return Touch(
-        timestamp=int(v[0] or 0),
-        via=VIA[via] if isinstance(via, int) and 0 <= via < len(VIA) else "referral",
-        source=v[2], type=v[3], ref=v[4], ad_id=v[5],
-        ads_context_data=context if isinstance(context, dict) else None,
-        referer_uri=v[7], product_id=v[8], page_id=v[9],
-    )
+    """A stored touch back as a Touch; records written before a field existed lack it."""
+    fields: dict[str, Any] = {}
+    for name, value in zip(POSITIONS, values, strict=False):
+        if value is False or value is None:
+            continue
+        if name == "via":
+            value = VIA[value] if isinstance(value, int) and 0 <= value < len(VIA) else None
+        elif name == "ads_context_data":
+            value = _context(value)
+        elif name in ("timestamp", "tie"):
+            value = int(value) if isinstance(value, int | float) else None
+        elif not isinstance(value, str):
+            value = str(value)
+        if value is not None:
+            fields[name] = value
+    fields.setdefault("timestamp", 0)
+    fields.setdefault("via", "referral")
+    return Touch(**fields)
 
 
 def touch_dict(touch: Touch) -> dict[str, Any]:

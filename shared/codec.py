@@ -11,28 +11,31 @@ from typing import Any
 
 import msgspec
 
+from shared.kinds import JOBS
 
-class QueuedEvent(msgspec.Struct, frozen=True):
-    """One raw item on its way to a worker."""
+
+class QueuedEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One raw item on its way to a worker, and what a worker reads back."""
 
     id: str
     """The dedupe key: `<kind>:<mid>`, or `h:<hash of the item>` for events without a mid."""
+    kind: str
     channel: str
-    """`messaging` or `standby`."""
+    """`messaging`, `standby`, `changes` (a change that is not a Messenger event), or `entry`
+    (an `entry[]` element that is not an object, kept whole)."""
+    object: str
+    """The envelope's `object` as sent (`page`, `instagram`, ...), empty when absent."""
     page_id: str | None
     received_ms: int
     raw: msgspec.Raw
-    """The item's JSON bytes as received."""
+    """The item's JSON text as received (for a change, the whole `{field, value}` object)."""
+    text: str | None = None
+    """Only when the item holds a lone surrogate escape: the text as received. `raw` then
+    holds it with each lone surrogate replaced by U+FFFD, so that it decodes (shared/jsontext)."""
 
-
-class DecodedEvent(msgspec.Struct, frozen=True):
-    """A QueuedEvent read back by a worker, its item decoded to plain Python values."""
-
-    id: str
-    channel: str
-    page_id: str | None
-    received_ms: int
-    raw: Any
+    def raw_text(self) -> str:
+        """The item exactly as Facebook sent it."""
+        return self.text if self.text is not None else bytes(self.raw).decode()
 
 
 JOB_TTL_MS = 7 * 86_400_000
@@ -40,7 +43,7 @@ JOB_TTL_MS = 7 * 86_400_000
 
 
 encode_event = msgspec.json.Encoder().encode
-decode_event = msgspec.json.Decoder(DecodedEvent).decode
+decode_event = msgspec.json.Decoder(QueuedEvent).decode
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _msgpack_decoder = msgspec.msgpack.Decoder()
@@ -59,13 +62,27 @@ class Events(list[str]):
         return f"<{len(self)} events>"
 
 
+UNREADABLE_JOB = "fbhook_unreadable_job"
+"""The job function a job is handed to when its payload cannot be read (corrupt bytes, pickle,
+an unknown function): it dead-letters the payload whole (workers/jobs.py)."""
+
+
 def job_deserializer(data: bytes) -> dict[str, Any]:
-    """arq's `job_deserializer`: MessagePack only; anything else fails to decode."""
-    result: dict[str, Any] = _msgpack_decoder.decode(data)
-    kwargs = result.get("k")
-    if isinstance(kwargs, dict) and isinstance(kwargs.get("events"), list):
-        kwargs["events"] = Events(kwargs["events"])
-    return result
+    """arq's `job_deserializer`: MessagePack only, never pickle. It never raises: arq would log
+    and drop a job it cannot read, so an unreadable one is handed to UNREADABLE_JOB instead."""
+    try:
+        result = _msgpack_decoder.decode(data)
+        kwargs = result["k"]
+        events = kwargs["events"]
+        if result["f"] not in JOBS or not isinstance(events, list) or \
+                not all(isinstance(e, str) for e in events):
+            raise ValueError(f"not a job of fbhook: function {result['f']!r}")
+        kwargs["events"] = Events(events)
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is kept, never dropped
+        error = f"unreadable job: {type(exc).__name__}: {str(exc)[:200]}"
+        return {"t": 1, "f": UNREADABLE_JOB, "a": [], "k": {"data": data, "error": error},
+                "et": 0}
+    return result  # type: ignore[no-any-return]
 
 
 def arq_job(kind: str, events: list[str], enqueue_ms: int) -> bytes:

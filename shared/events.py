@@ -20,13 +20,18 @@ class Referral(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
-    """Fields every event has. `sender` is the PSID, or the chat plugin's `user_ref`."""
+    """Fields every event has. `sender` is the id as sent (`sender.id`, else the chat plugin's
+    `sender.user_ref`); `user` is the key of the sender's attribution record, which tells the
+    three identity spaces apart (shared/identity.py): the PSID as it is, `ig:<IGSID>` on an
+    Instagram body, `ref:<user_ref>` for a chat plugin guest."""
 
     kind: str
     id: str
     channel: str
+    object: str = ""
     page_id: str | None
     sender: str | None
+    user: str | None = None
     recipient: str | None
     timestamp: int
 
@@ -40,6 +45,14 @@ class Message(Event, frozen=True, kw_only=True):
     referral: Referral | None = None
     app_id: str | None = None
     metadata: str | None = None
+    is_unsupported: bool = False
+    """Instagram: a message the API cannot show (`raw` on the stream entry has what was sent)."""
+
+
+class MessageUnsend(Event, frozen=True, kw_only=True):
+    """`message.is_deleted`: the user unsent the message `mid` (honour it: delete your copy)."""
+
+    mid: str | None = None
 
 
 class Postback(Event, frozen=True, kw_only=True):
@@ -80,7 +93,12 @@ class Optin(Event, frozen=True, kw_only=True):
     user_ref: str | None = None
     type: str | None = None
     payload: str | None = None
+    title: str | None = None
     notification_messages_token: str | None = None
+    notification_messages_status: str | None = None
+    """`STOP_NOTIFICATIONS` or `RESUME_NOTIFICATIONS`: a STOP is an opt-out, not an opt-in."""
+    token_expiry_timestamp: int | None = None
+    user_token_status: str | None = None
 
 
 class AccountLinking(Event, frozen=True, kw_only=True):
@@ -120,6 +138,14 @@ class ResponseFeedback(Event, frozen=True, kw_only=True):
     feedback: str | None = None
 
 
+class Change(Event, frozen=True, kw_only=True):
+    """A `changes[]` item that is not a Messenger event (`feed`, `inbox_labels`, Instagram
+    `comments`, ...): its kind is its `field`; `value` is the change's value as sent."""
+
+    field: str | None = None
+    value: Any = None
+
+
 class Unknown(Event, frozen=True, kw_only=True):
     """An item whose kind is not recognised, kept whole: `key` is the key that carried it."""
 
@@ -130,5 +156,5 @@ class Unknown(Event, frozen=True, kw_only=True):
 AnyEvent = (
     Message | Postback | ReferralEvent | Delivery | Read | Reaction | MessageEdit | Optin
     | AccountLinking | PolicyEnforcement | GamePlay | ThreadControl | AppRoles | ResponseFeedback
-    | Unknown
+    | MessageUnsend | Change | Unknown
 )

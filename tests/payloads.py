@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import msgspec
+
+from shared.codec import QueuedEvent
+from workers.effects import Effects, Row
+from workers.normalize import normalize
 
 PAGE = "1122334455"
 PSID = "2233445566"
@@ -186,3 +193,11 @@ def shops_product_message(product_id: str = "PRODUCT_ID", **kw: Any) -> dict[str
 
 def read_event(watermark: int = 1458668856253, **kw: Any) -> dict[str, Any]:
     return item({"read": {"watermark": watermark}}, **kw)
+
+
+def row(kind: str, event_id: str, channel: str, page: str | None, received_ms: int,
+        item: Any, obj: str = "page") -> Row:
+    """What a worker hands effects.lua for one item, as if ingest had queued it."""
+    queued = QueuedEvent(event_id, kind, channel, obj, page, received_ms,
+                         msgspec.Raw(json.dumps(item).encode()))
+    return Effects.row(normalize(queued, item), queued)

@@ -246,9 +246,7 @@ async def test_an_effects_call_is_sent_before_other_ready_tasks_run(
 
     from redis.asyncio.connection import Connection
 
-    from shared.codec import DecodedEvent
     from workers.effects import Effects
-    from workers.normalize import normalize
 
     order: list[str] = []
     send = Connection.send_packed_command
@@ -258,8 +256,8 @@ async def test_an_effects_call_is_sent_before_other_ready_tasks_run(
         await send(self, command, check_health)
 
     def event(n: int) -> Any:
-        return normalize("message", DecodedEvent(
-            f"message:at-once-{n}", "messaging", "PAGE", 1, p.text_message(mid=f"at-once-{n}")))
+        return p.row("message",
+            f"message:at-once-{n}", "messaging", "PAGE", 1, p.text_message(mid=f"at-once-{n}"))
 
     async def other() -> None:
         order.append("other task")

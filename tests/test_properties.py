@@ -1,6 +1,9 @@
 """Properties of the decoder and the endpoint over generated bodies (hypothesis).
 
-- `ingest.envelope.parse` never raises anything but BadRequest, whatever the bytes.
+- `ingest.envelope.parse` never raises anything but BadRequest, whatever the bytes; every event
+  it returns keeps its item's text exactly as it stands in the body.
+- Normalisation never raises, whatever JSON values stand in any field of any kind, and what it
+  makes can always be written (`Effects.row`).
 - The endpoint never answers 500; what it accepts comes out the other side: after a worker drain
   there is one stream entry per distinct dedupe id that `parse` returned.
 - A correctly signed body with an `entry` list is accepted whatever its items hold, and every
@@ -12,6 +15,7 @@ Redis is flushed at the start of every example; example counts stay modest to ke
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import msgspec
@@ -20,17 +24,24 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from ingest.envelope import parse
-from shared.codec import decode_event
+from shared.codec import QueuedEvent, decode_event
 from shared.errors import BadRequest
+from shared.jsontext import loads
 from shared.kinds import EVENT_KEYS, KINDS
 from tests.conftest import Post, stream_rows
+from workers.effects import Effects
+from workers.normalize import normalize
 
 EXAMPLES = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 
+# Hostile values too: integers past 64 bits, lone UTF-16 surrogates (json.dumps escapes them).
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+           | st.integers(min_value=-(10**30), max_value=10**30)
+           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+           | st.sampled_from(["\ud83d", "ok\udc00", "1e400", "99999999999999999999", "-5",
+                             "2021-09-08T06:34:04+0000", "", " 12 "]))
 json_values = st.recursive(
     scalars,
     lambda children: (st.lists(children, max_size=4)
@@ -38,6 +49,19 @@ json_values = st.recursive(
     max_leaves=16,
 )
 ids = st.none() | st.text(max_size=6) | st.integers(min_value=0, max_value=2**63 - 1)
+
+
+FIELDS = sorted({
+    "mid", "text", "payload", "ref", "source", "type", "ad_id", "is_echo", "is_deleted",
+    "referral", "title", "watermark", "ads_context_data", "mids", "reaction", "emoji", "action",
+    "num_edit", "user_ref", "notification_messages_token", "notification_messages_status",
+    "token_expiry_timestamp", "user_token_status", "status", "authorization_code", "reason",
+    "game_id", "player_id", "context_type", "context_id", "score", "new_owner_app_id",
+    "previous_owner_app_id", "requested_owner_app_id", "metadata", "feedback", "attachments",
+    "quick_reply", "reply_to", "app_id", "product", "referer_uri", "origin_domain",
+    "is_unsupported", "x",
+})
+"""Every field a reader looks at, and one it does not."""
 
 
 @st.composite
@@ -53,10 +77,7 @@ def items(draw: st.DrawFn) -> Any:
     if draw(st.booleans()):
         item["timestamp"] = draw(st.integers(0, 2**53) | st.text(max_size=14) | json_values)
     key = draw(st.sampled_from([*EVENT_KEYS, "message_request", "brand_new"]))
-    item[key] = draw(st.dictionaries(
-        st.sampled_from(["mid", "text", "payload", "ref", "source", "ad_id", "is_echo",
-                         "referral", "title", "watermark", "ads_context_data", "x"]),
-        json_values, max_size=5))
+    item[key] = draw(st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6))
     item.update(draw(st.dictionaries(st.text(max_size=5), json_values, max_size=2)))
     return item
 
@@ -72,6 +93,7 @@ def entries(draw: st.DrawFn) -> Any:
     if draw(st.integers(0, 3)) == 0:
         entry["changes"] = draw(st.lists(
             st.fixed_dictionaries({"field": st.just("messages"), "value": items()})
+            | st.fixed_dictionaries({"field": json_values, "value": json_values})
             | json_values, max_size=3))
     return entry
 
@@ -114,10 +136,11 @@ def test_parse_raises_nothing_but_bad_request(body: bytes) -> None:
     except BadRequest:
         return
     for event in events:
-        assert event.kind in KINDS
+        assert event.kind in KINDS or re.fullmatch(r"[a-z0-9_]{1,64}", event.kind)
         queued = decode_event(event.blob)
         assert queued.id == event.id
-        assert queued.channel in ("messaging", "standby", "entry")
+        assert queued.channel in ("messaging", "standby", "changes", "entry")
+        assert queued.raw_text().encode() in body, "the item's text exactly as sent"
 
 
 @EXAMPLES
@@ -181,3 +204,22 @@ async def test_odd_but_signed_envelopes_are_accepted_and_every_item_routed(
     for row in rows:
         event = msgspec.json.decode(row["event"])
         assert event["id"] == row["id"] and event["kind"] == row["kind"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(kind=st.sampled_from([*KINDS, "comments", "message_request"]),
+       channel=st.sampled_from(["messaging", "standby", "changes", "entry"]),
+       item=items() | json_values, received=st.integers(0, 2**45))
+def test_normalisation_never_raises_and_always_makes_a_writable_event(
+    kind: str, channel: str, item: Any, received: int
+) -> None:
+    """Whatever stands in any field of any kind: an event of that kind comes out, and it can
+    be encoded for its stream entry (a referral timestamp past the year 9999, a `num_edit` that
+    is no integer, a `score` too large for a float: the cases that once wiped out whole jobs)."""
+    text = json.dumps(item).encode()
+    queued = QueuedEvent("h:x", kind, channel, "page", "PAGE", received, msgspec.Raw(text))
+    event = normalize(queued, loads(text))  # as a worker decodes it
+    assert event.kind == kind and event.id == "h:x"
+    row = Effects.row(event, queued)
+    assert row.values[0] == "h:x"
+    msgspec.msgpack.encode(row.values)

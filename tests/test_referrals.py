@@ -9,11 +9,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.codec import DecodedEvent
 from shared.settings import Settings
+from tests import payloads as p
 from tests.conftest import Post
 from workers.effects import Effects
-from workers.normalize import normalize
 
 
 def referral(user: str, ts: int, **ref: Any) -> dict[str, Any]:
@@ -81,9 +80,9 @@ async def test_the_referrals_stream_is_capped_at_stream_maxlen(
 ) -> None:
     effects = Effects(redis, replace(settings, stream_maxlen=100))
     events = [
-        normalize("referral", DecodedEvent(f"h:{n}", "messaging", "P", n,
+        p.row("referral", f"h:{n}", "messaging", "P", n,
                                            referral(f"user{n}", 1_700_000_000_000 + n,
-                                                    source="SHORTLINK")))
+                                                    source="SHORTLINK"))
         for n in range(1000)
     ]
     for start in range(0, 1000, 250):

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, ResponseError
 
 from ingest.signature import sign
-from shared.codec import job_deserializer
+from shared.codec import UNREADABLE_JOB, job_deserializer
 from shared.logs import JsonFormatter
 from shared.settings import Settings
 from tests import processes as proc
@@ -38,6 +38,7 @@ from tests.processes import (
     wait_processed,
 )
 from tests.redis_server import free_port, server_binary
+from workers.deadletters import list_dead
 
 ITEM = {"sender": {"id": "u-sec"}, "recipient": {"id": "p1"}, "timestamp": 1_700_000_000_000,
         "referral": {"source": "ADS", "ref": "r1", "ad_id": "42"}}
@@ -71,8 +72,9 @@ async def test_queued_jobs_are_msgpack_not_pickle(post: Post, redis: Redis) -> N
 def test_the_job_deserializer_refuses_pickle(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     data = pickle.dumps({"t": 0, "f": "message", "a": [], "k": {"x": Planted(marker)}, "et": 1})
-    with pytest.raises(msgspec.DecodeError):
-        job_deserializer(data)
+    job = job_deserializer(data)
+    assert job["f"] == UNREADABLE_JOB, "handed to the dead letters, never unpickled"
+    assert job["k"]["data"] == data
     assert not marker.exists()
 
 
@@ -94,6 +96,12 @@ async def test_the_worker_refuses_a_pickled_job(
     assert await redis.zscore(settings.queue_name, "evil") is None
     rows = await stream_rows(redis)
     assert [r["id"] for r in rows] != [] and "h:evil" not in {r["id"] for r in rows}
+    # Kept, never dropped: its bytes are in the dead letters, as they were in Redis.
+    [dead] = await list_dead(redis)
+    assert (dead.event_id, dead.kind) == ("job:evil", "job")
+    assert "unreadable job" in dead.error
+    raw = (await redis.xrange("fb:dead"))[0][1][b"payload"]
+    assert raw == pickle.dumps(job)
 
 
 @pytest.mark.parametrize("secret,status", [

@@ -70,7 +70,7 @@ async def test_seed_002_postback_referral_from_chat_plugin(
     assert row["sender"] == "USER-REF-ID"
     assert row["timestamp"] == "1527459824000", "seconds given as a string become milliseconds"
     assert row["event"]["payload"] == "USER-DEFINED-PAYLOAD"
-    view = await _record(redis, "USER-REF-ID")
+    view = await _record(redis, "ref:USER-REF-ID")
     assert view.last["source"] == "SHORT-URL", "sources are kept as Facebook wrote them"
     assert view.last["via"] == "postback"
     assert view.last["timestamp"] == 1527459824000

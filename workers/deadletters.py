@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.codec import JOB_TTL_MS, arq_job
+from shared.kinds import job_for
 from shared.settings import Settings
 
 
@@ -27,8 +28,8 @@ class DeadLetter:
     payload: str
 
 
-async def bury(redis: Redis, kind: str, event_id: str, payload: str, error: str, tries: int,
-               ttl_s: int) -> None:
+async def bury(redis: Redis, kind: str, event_id: str, payload: str | bytes, error: str,
+               tries: int, ttl_s: int) -> None:
     """Record one dead event and mark it so: its seen key says 'x', not 'd' (done)."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xadd(keys.DEAD_LETTERS, {
@@ -54,7 +55,7 @@ async def replay(redis: Redis, settings: Settings, entry_ids: list[str] | None =
     now = int(time.time() * 1000)
     for letter in letters:
         job_id = "replay-" + os.urandom(8).hex()
-        body = arq_job(letter.kind, [letter.payload], now)
+        body = arq_job(job_for(letter.kind), [letter.payload], now)
         async with redis.pipeline(transaction=True) as pipe:
             pipe.psetex(keys.ARQ_JOB_PREFIX + job_id, JOB_TTL_MS, body)
             pipe.zadd(settings.queue_name, {job_id: now})
@@ -80,5 +81,5 @@ def _letter(entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
         entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
         event_id=get("id"), kind=get("kind"), error=get("error"),
         tries=int(get("tries") or 0), failed_at_ms=int(get("failed_at") or 0),
-        payload=get("payload"),
+        payload=fields.get(b"payload", b"").decode(errors="backslashreplace"),
     )

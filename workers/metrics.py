@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.kinds import KINDS
+from shared.kinds import JOBS
 
 log = logging.getLogger("fbhook.worker")
 
@@ -39,7 +39,7 @@ JOB_SECONDS = Histogram(
     ["kind"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
-JOBS = Counter("fbhook_jobs", "Jobs run, by kind and outcome.", ["kind", "outcome"])
+JOBS_RUN = Counter("fbhook_jobs", "Jobs run, by kind and outcome.", ["kind", "outcome"])
 PROCESSED = Counter(
     "fbhook_events_processed",
     "Events written to their stream (and attribution) by a job, by kind.", ["kind"],
@@ -63,10 +63,10 @@ QUEUE_AGE = Gauge(
 )
 DEAD_STORED = Gauge("fbhook_dead_letters_stored", "Entries in the dead-letter stream fb:dead.")
 
-JOB_SECONDS_BY_KIND: Final = {kind: JOB_SECONDS.labels(kind) for kind in KINDS}
-JOBS_BY_OUTCOME: Final = {(k, o): JOBS.labels(k, o) for k in KINDS for o in OUTCOMES}
-PROCESSED_BY_KIND: Final = {kind: PROCESSED.labels(kind) for kind in KINDS}
-ALREADY_DONE_BY_KIND: Final = {kind: ALREADY_DONE.labels(kind) for kind in KINDS}
+JOB_SECONDS_BY_KIND: Final = {kind: JOB_SECONDS.labels(kind) for kind in JOBS}
+JOBS_BY_OUTCOME: Final = {(k, o): JOBS_RUN.labels(k, o) for k in JOBS for o in OUTCOMES}
+PROCESSED_BY_KIND: Final = {kind: PROCESSED.labels(kind) for kind in JOBS}
+ALREADY_DONE_BY_KIND: Final = {kind: ALREADY_DONE.labels(kind) for kind in JOBS}
 TOUCHES_BY_SOURCE: Final = {
     (source, returning): TOUCHES.labels(source, "returning" if returning else "new")
     for source in SOURCES for returning in (False, True)

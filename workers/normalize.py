@@ -1,8 +1,9 @@
 """Raw Facebook items to normalised events, tolerant of every inconsistency seen in real traffic.
 
-Each reader takes plain decoded JSON and never raises: a field of the wrong type becomes None,
-so an odd item still yields an event of its kind (its raw item stays on the dead-letter path only
-if a job function fails).
+Each reader takes plain decoded JSON and never raises: a field of the wrong type or out of range
+becomes None, so an odd item still yields an event of its kind (tests/test_properties.py feeds
+arbitrary JSON values into every field of every kind). What a reader does not model is still on
+the stream entry: its `raw` field holds the item as Facebook sent it.
 """
 
 from __future__ import annotations
@@ -11,36 +12,43 @@ from collections.abc import Callable
 from typing import Any
 
 from shared import events as ev
-from shared.codec import DecodedEvent
+from shared.codec import QueuedEvent
+from shared.identity import as_id, space_of, user_key
 from shared.kinds import event_key
 from shared.timestamps import to_millis
 
 Reader = Callable[[dict[str, Any], dict[str, Any]], ev.Event]
 
+s = as_id
+"""A string id or text (shared/identity.py: the one id coercer of ingest, workers and CLI)."""
 
-def s(value: Any) -> str | None:
-    """A string id or text: strings as they are, whole numbers as digits, anything else None."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return None
+_INT64 = 2**63
 
 
 def i(value: Any) -> int | None:
+    """A whole number that fits 64 bits, from a number or a string of digits; else None."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
+    if isinstance(value, float):
+        value = int(value) if value.is_integer() else None
+    elif isinstance(value, str):
+        digits = value.strip()
+        value = int(digits) if 0 < len(digits.lstrip("-")) <= 19 and \
+            digits.lstrip("-").isdigit() and digits.count("-") <= 1 else None
+    if isinstance(value, int) and -_INT64 <= value < _INT64:
         return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
     return None
+
+
+def f(value: Any) -> float | None:
+    """A finite number as a float; else None (an integer too large for a float is None too)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if number - number == 0 else None
 
 
 def d(value: Any) -> dict[str, Any]:
@@ -76,7 +84,12 @@ def _message(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
         referral=referral(m.get("referral")),
         app_id=s(m.get("app_id")),
         metadata=s(m.get("metadata")),
+        is_unsupported=m.get("is_unsupported") is True,
     )
+
+
+def _unsend(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
+    return ev.MessageUnsend(**base, mid=s(d(item.get("message")).get("mid")))
 
 
 def _postback(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
@@ -102,7 +115,8 @@ def _delivery(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
 
 
 def _read(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
-    return ev.Read(**base, watermark=to_millis(d(item.get("read")).get("watermark")))
+    r = d(item.get("read") or item.get("messaging_seen"))
+    return ev.Read(**base, watermark=to_millis(r.get("watermark")))
 
 
 def _reaction(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
@@ -123,8 +137,11 @@ def _optin(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
     o = d(item.get("optin"))
     return ev.Optin(
         **base, ref=s(o.get("ref")), user_ref=s(o.get("user_ref")), type=s(o.get("type")),
-        payload=s(o.get("payload")),
+        payload=s(o.get("payload")), title=s(o.get("title")),
         notification_messages_token=s(o.get("notification_messages_token")),
+        notification_messages_status=s(o.get("notification_messages_status")),
+        token_expiry_timestamp=to_millis(o.get("token_expiry_timestamp")),
+        user_token_status=s(o.get("user_token_status")),
     )
 
 
@@ -141,12 +158,10 @@ def _policy(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
 
 def _game_play(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
     g = d(item.get("game_play"))
-    score = g.get("score")
     return ev.GamePlay(
         **base, game_id=s(g.get("game_id")), player_id=s(g.get("player_id")),
         context_type=s(g.get("context_type")), context_id=s(g.get("context_id")),
-        score=float(score) if isinstance(score, int | float) and not isinstance(score, bool)
-        else None,
+        score=f(g.get("score")),
         payload=s(g.get("payload")),
     )
 
@@ -167,7 +182,8 @@ def _thread_control(key: str) -> Reader:
 
 def _app_roles(base: dict[str, Any], item: dict[str, Any]) -> ev.Event:
     roles = {
-        str(app): [str(r) for r in value] if isinstance(value, list) else []
+        str(app): [r for r in (s(x) for x in value) if r is not None]
+        if isinstance(value, list) else []
         for app, value in d(item.get("app_roles")).items()
     }
     return ev.AppRoles(**base, roles=roles)
@@ -185,6 +201,7 @@ def _unknown(base: dict[str, Any], item: Any) -> ev.Event:
 READERS: dict[str, Reader] = {
     "message": _message,
     "message_echo": _message,
+    "message_unsend": _unsend,
     "postback": _postback,
     "referral": _referral,
     "delivery": _delivery,
@@ -203,26 +220,45 @@ READERS: dict[str, Reader] = {
 }
 
 
-def sender_of(item: dict[str, Any]) -> str | None:
-    """`sender.id`, else `sender.user_ref` (the chat plugin's guest), else None."""
-    sender = d(item.get("sender"))
-    return s(sender.get("id")) or s(sender.get("user_ref"))
+def _change(base: dict[str, Any], change: dict[str, Any]) -> ev.Event:
+    return ev.Change(**base, field=s(change.get("field")), value=change.get("value"))
 
 
-def normalize(kind: str, queued: DecodedEvent) -> ev.Event:
-    """The normalised event of `kind` for one queued item; unknown kinds keep the raw item."""
-    raw = queued.raw
-    item = raw if isinstance(raw, dict) else {}
+def change_sender(change: dict[str, Any]) -> str | None:
+    """Who a change is about: `value.user.id` (inbox labels), else `value.from.id` (comments)."""
+    value = d(change.get("value"))
+    return s(d(value.get("user")).get("id")) or s(d(value.get("from")).get("id"))
+
+
+def normalize(queued: QueuedEvent, item: Any, kind: str | None = None) -> ev.Event:
+    """The normalised event of one queued item (`item`: its decoded JSON), of `kind` (by default
+    the kind ingest gave it). Unknown kinds keep the decoded item in `raw`."""
+    kind = queued.kind if kind is None else kind
+    body = item if isinstance(item, dict) else {}
+    change = queued.channel == "changes"
+    if change:
+        sender: str | None = change_sender(body)
+        user = None if sender is None else user_key(
+            "igsid" if queued.object == "instagram" else "psid", sender)
+        stamp = None
+    else:
+        found = space_of(queued.object, body.get("sender"))
+        sender, user = (None, None) if found is None else (found[1], user_key(*found))
+        stamp = to_millis(body.get("timestamp"))
     base: dict[str, Any] = {
         "kind": kind,
         "id": queued.id,
         "channel": queued.channel,
+        "object": queued.object,
         "page_id": queued.page_id,
-        "sender": sender_of(item),
-        "recipient": s(d(item.get("recipient")).get("id")),
-        "timestamp": to_millis(item.get("timestamp")) or queued.received_ms,
+        "sender": sender,
+        "user": user,
+        "recipient": s(d(body.get("recipient")).get("id")),
+        "timestamp": stamp or queued.received_ms,
     }
+    if change:
+        return _change(base, body)
     reader = READERS.get(kind)
     if reader is None:
-        return _unknown(base, raw)
-    return reader(base, item)
+        return _unknown(base, item)
+    return reader(base, body)

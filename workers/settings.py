@@ -15,12 +15,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
-from shared.codec import job_deserializer, job_serializer
-from shared.kinds import KINDS
+from shared.codec import UNREADABLE_JOB, job_deserializer, job_serializer
+from shared.kinds import JOBS
 from shared.settings import Settings
 from workers import metrics
 from workers.effects import Effects
-from workers.jobs import Runtime, make_job
+from workers.jobs import Runtime, make_job, unreadable_job
 
 CRASH_TRIES = 1000
 """arq gives up on a job after this many starts; handler failures are dead-lettered long before
@@ -77,7 +77,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
 
     return {
         "functions": [
-            func(cast(Any, make_job(kind)), name=kind, max_tries=CRASH_TRIES) for kind in KINDS
+            *(func(cast(Any, make_job(job)), name=job, max_tries=CRASH_TRIES) for job in JOBS),
+            func(cast(Any, unreadable_job), name=UNREADABLE_JOB, max_tries=CRASH_TRIES),
         ],
         "redis_settings": redis_settings(settings),
         "queue_name": settings.queue_name,

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Final
+
+import msgspec
+
 from shared import events as ev
-from shared.attribution import Touch
+from shared.attribution import Touch, tie_break
+
+TRUSTED_AHEAD_MS: Final = 86_400_000
+"""An event timestamp more than this far ahead of the time ingest received it is not trusted."""
 
 
-def touch_of(event: ev.Event) -> Touch | None:
-    """The touch an event carries, or None. Partial referrals (only `source`) still count."""
-    if event.sender is None:
+def touch_of(event: ev.Event, received_ms: int) -> Touch | None:
+    """The touch an event carries, or None. Partial referrals (only `source`) still count.
+
+    A timestamp that is missing or 0 (normalisation already put the received time in its place)
+    or more than a day ahead of the received time is not the user's: the received time stands
+    in, and the touch says so, so that no odd timestamp decides a user's first or last touch.
+    """
+    if event.user is None:
         return None
     match event:
         case ev.ReferralEvent(referral=ref):
@@ -19,15 +31,10 @@ def touch_of(event: ev.Event) -> Touch | None:
             via = "message"
         case _:
             return None
+    timestamp, source = event.timestamp, "event"
+    if timestamp == received_ms or timestamp > received_ms + TRUSTED_AHEAD_MS:
+        timestamp, source = received_ms, "received"
     return Touch(
-        timestamp=event.timestamp,
-        via=via,
-        source=ref.source,
-        type=ref.type,
-        ref=ref.ref,
-        ad_id=ref.ad_id,
-        ads_context_data=ref.ads_context_data,
-        referer_uri=ref.referer_uri,
-        product_id=ref.product_id,
-        page_id=event.page_id,
+        timestamp=timestamp, via=via, **msgspec.structs.asdict(ref), page_id=event.page_id,
+        tie=tie_break(event.id), timestamp_from=source, object=event.object,
     )
