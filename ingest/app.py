@@ -27,6 +27,7 @@ from ingest.signature import SignatureVerifier, well_formed
 from shared import keys
 from shared.attribution import load as load_attribution
 from shared.errors import BadRequest, BodyRefused, QueueUnavailable
+from shared.identity import PSID, SPACES
 from shared.redis import connect
 from shared.report import DEFAULT_LIMIT, ReportRangeError, build_report, encode_report, parse_range
 from shared.settings import Settings
@@ -206,10 +207,12 @@ async def attribution(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not bearer_ok(request, state.api_token):
         return _json(_UNAUTHORIZED, status=401, headers={"WWW-Authenticate": "Bearer"})
-    user = request.match_info["user_id"]
+    user, space = request.match_info["user_id"], request.query.get("space", PSID)
+    if space not in SPACES:
+        return _json({"error": f"space must be one of {', '.join(SPACES)}"}, status=400)
     try:
         async with redis_deadline(state):
-            view = await load_attribution(state.redis, user)
+            view = await load_attribution(state.redis, user, space)
     except Exception:  # noqa: BLE001
         return _json({"error": "redis unavailable"}, status=503)
     if view is None:

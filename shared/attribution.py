@@ -20,6 +20,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.identity import PSID, user_key
 
 
 class Touch(msgspec.Struct, frozen=True):
@@ -152,10 +153,12 @@ def read_record(user: str, raw: bytes | None) -> AttributionView | None:
     )
 
 
-async def load(redis: Redis, user: str) -> AttributionView | None:
-    """A user's attribution record, or None when the user has no touch."""
-    raw: bytes | None = await redis.get(keys.attribution(user))
-    return read_record(user, raw)
+async def load(redis: Redis, user: str, space: str = PSID) -> AttributionView | None:
+    """A user's attribution record, or None when the user has no touch. `user` is an id of the
+    identity space `space` (shared/identity.py): a PSID by default, an IGSID, or a user_ref."""
+    key = user_key(space, user)
+    raw: bytes | None = await redis.get(keys.attribution(key))
+    return read_record(key, raw)
 
 
 def touch_count(raw: bytes | None) -> int:
