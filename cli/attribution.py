@@ -23,6 +23,7 @@ from cli.common import (
 from cli.progress import Progress, wanted
 from shared import keys
 from shared.attribution import AttributionView, load, read_record
+from shared.identity import PSID, SPACES
 
 TOUCH_COLUMNS = (
     "timestamp", "via", "source", "type", "ref", "ad_id", "product_id", "referer_uri",
@@ -34,6 +35,9 @@ CSV_COLUMNS = (
     *(f"last_{c}" for c in TOUCH_COLUMNS),
 )
 """One row per user: the first and the last touch side by side (the history is in jsonl)."""
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What makes a spreadsheet read a cell as a formula (OWASP, CSV injection)."""
 
 _encode = msgspec.json.Encoder().encode
 
@@ -50,11 +54,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="one user's record, as JSON",
         description=(
             "Print one user's attribution record as JSON: touch count, first and last touch, "
-            "the history (latest first) and the _fbRef* variables. USER is the PSID, or the "
-            "chat plugin's user_ref. Exit status 1 when the user has no record."
+            "the history (latest first) and the _fbRef* variables. USER is a PSID; with "
+            "--space, an Instagram-scoped id or a chat plugin's user_ref (the same string in "
+            "two spaces is two users). Exit status 1 when the user has no record."
         ),
     )
     get.add_argument("user", metavar="USER")
+    get.add_argument("--space", choices=SPACES, default=PSID,
+                     help="the identity space USER is in: a Page-scoped id (psid, the default), "
+                          "an Instagram-scoped id (igsid) or a chat plugin's user_ref")
     add_redis_option(get)
     get.set_defaults(run=run_get)
 
@@ -65,8 +73,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             "Write every user's attribution record, streaming: SCAN over fb:attr:* and one "
             "pipelined read per batch, so memory stays flat however many users there are. "
             "jsonl gives the full record per line (as `attribution get`); csv gives one row per "
-            "user with the first and last touch. A user may appear twice if Redis resizes its "
-            "key space during the export (a property of SCAN)."
+            "user with the first and last touch; a text cell that starts with =, +, -, @, a tab "
+            "or a carriage return gets a leading ' so that a spreadsheet shows it instead of "
+            "running it (anyone can put a formula in an m.me ref). A user may appear twice if "
+            "Redis resizes its key space during the export (a property of SCAN)."
         ),
     )
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
@@ -90,7 +100,7 @@ def run_get(args: argparse.Namespace) -> int:
 
 async def _get(args: argparse.Namespace) -> AttributionView | None:
     async with open_redis(tool_settings(args)) as redis:
-        return await load(redis, args.user)
+        return await load(redis, args.user, args.space)
 
 
 async def scan_records(redis: Redis, batch: int = 1000) -> AsyncIterator[list[AttributionView]]:
@@ -126,7 +136,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 async def _export(args: argparse.Namespace, out: TextIO) -> int:
     progress = Progress(wanted(args.progress))
-    writer = csv.writer(out, lineterminator="\n") if args.format == "csv" else None
+    # CRLF as RFC 4180 has it: the writer quotes a cell holding any character of its line
+    # terminator, so a bare carriage return in a ref cannot end a row early.
+    writer = csv.writer(out, lineterminator="\r\n") if args.format == "csv" else None
     if writer is not None:
         writer.writerow(CSV_COLUMNS)
     count = 0
@@ -149,11 +161,19 @@ async def _export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def csv_row(view: AttributionView) -> list[Any]:
-    row: list[Any] = [view.user, view.touches]
+    row: list[Any] = [cell(view.user), view.touches]
     for touch in (view.first, view.last):
         for column in TOUCH_COLUMNS:
             value = touch.get(column)
             if isinstance(value, dict):
                 value = json.dumps(value, ensure_ascii=False, sort_keys=True)
-            row.append("" if value is None else value)
+            row.append("" if value is None else cell(value))
     return row
+
+
+def cell(value: Any) -> Any:
+    """A value a spreadsheet shows rather than runs: text that would start a formula gets a
+    leading single quote, as OWASP advises against CSV injection."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
