@@ -10,7 +10,7 @@ import math
 from html import escape
 from urllib.parse import urlencode
 
-from shared.report import NO_SOURCE, Report, Row
+from shared.report import MAX_LIMIT, Report, Row, sent_value
 
 NEW_COLOUR = "#2563eb"
 RETURNING_COLOUR = "#f59e0b"
@@ -30,7 +30,8 @@ table{border-collapse:collapse;margin:4px 0 8px}
 th,td{border-bottom:1px solid #e5e7eb;padding:3px 10px;text-align:right;white-space:nowrap}
 th:first-child,td:first-child,th.t,td.t{text-align:left}td.t{white-space:normal;max-width:360px}
 .key{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}
-.note{color:#6b7280}svg text{font:11px system-ui,sans-serif;fill:#374151}
+.note{color:#6b7280}.raw{color:#6b7280;font-size:12px;margin-left:6px}
+svg text{font:11px system-ui,sans-serif;fill:#374151}
 """
 
 
@@ -54,20 +55,30 @@ def render(report: Report, token: str | None = None, limit: int | None = None) -
         f'{hidden}<button type="submit">Show</button> ',
         f'<a href="{escape(json_href)}">JSON</a></form>',
         '<div class="sum">',
+        f'<div id="total-users">Users<b>{t.users}</b></div>',
         f'<div id="total-new">New users<b>{t.new}</b></div>',
         f'<div id="total-returning">Returning users<b>{t.returning}</b></div>',
-        f'<div id="total">Referral touches<b>{t.new + t.returning}</b></div></div>',
+        f'<div id="total-touches">Referral touches<b>{t.touches}</b></div></div>',
         _legend(),
         _daily_chart(report),
         "<h2>Per day</h2>", _daily_table(report),
         "<h2>By source</h2>", _dimension_table(report, "source", report.source),
         "<h2>By ref</h2>", _dimension_table(report, "ref", report.ref),
         "<h2>By ad</h2>", _dimension_table(report, "ad", report.ad),
-        '<p class="note">A user is new on the day of their first referral touch and returning on '
-        "every later one; days are taken from the touch's timestamp in UTC.</p>",
+        f'<p class="note">{_NOTE}</p>',
         "</body></html>",
     ]
     return "".join(parts)
+
+
+_NOTE = (
+    "A user counts once a day: new on the day of their first referral touch, returning on each "
+    "later day they come back, under the source, ref and ad of their first touch that day (days "
+    "in UTC, from the touch's timestamp). A row adds up its days, so a user who comes back on "
+    "three days counts three times in a row; its share is its part of all those user-days. Users "
+    "and returning users over the whole range count each user once, estimated (about 0.8%); new "
+    "users, the days' figures and the rows shown are exact."
+)
 
 
 def _legend() -> str:
@@ -117,7 +128,7 @@ def _daily_chart(report: Report) -> str:
 
 
 def _sparkline(report: Report, row: Row) -> str:
-    """A row's touches per day as tiny stacked bars, on the row's own scale."""
+    """A row's users per day as tiny stacked bars, on the row's own scale."""
     width, height = 120, 20
     peak = max((c.new + c.returning for c in row.days.values()), default=0) or 1
     step = width / max(len(report.days), 1)
@@ -137,8 +148,11 @@ def _sparkline(report: Report, row: Row) -> str:
             f'{"".join(bars)}</svg>')
 
 
-def _label(dimension: str, key: str) -> str:
-    return "(none)" if dimension == "source" and key == NO_SOURCE else key
+def _name(row: Row) -> str:
+    """The row's readable name, with the value Facebook sent beside it when they differ."""
+    sent = sent_value(row)
+    raw = f'<span class="raw">{escape(sent)}</span>' if sent is not None else ""
+    return f"{escape(row.label or row.key)}{raw}"
 
 
 def _dimension_table(report: Report, dimension: str, rows: list[Row]) -> str:
@@ -146,30 +160,31 @@ def _dimension_table(report: Report, dimension: str, rows: list[Row]) -> str:
         return '<p class="note">No referral touches in this range.</p>'
     title_head = "<th class=\"t\">Title</th>" if dimension == "ad" else ""
     out = [f'<table id="by-{dimension}"><tr><th>{dimension.capitalize()}</th>{title_head}'
-           "<th>New</th><th>Returning</th><th>Total</th><th>Per day</th></tr>"]
+           "<th>New</th><th>Returning</th><th>Users</th><th>Share</th><th>Per day</th></tr>"]
     for row in rows:
-        key = escape(row.key)
         title = (f'<td class="t">{escape(row.title or "")}</td>' if dimension == "ad" else "")
         out.append(
-            f'<tr data-key="{key}"><td class="t">{escape(_label(dimension, row.key))}</td>{title}'
+            f'<tr data-key="{escape(row.key)}"><td class="t">{_name(row)}</td>{title}'
             f'<td data-col="new">{row.new}</td><td data-col="returning">{row.returning}</td>'
             f'<td data-col="total">{row.new + row.returning}</td>'
+            f'<td data-col="share">{100 * row.share:.1f}%</td>'
             f"<td>{_sparkline(report, row)}</td></tr>"
         )
     out.append("</table>")
     omitted = report.omitted.get(dimension, 0)
     if omitted:
-        out.append(f'<p class="note">{omitted} smaller rows left out (raise limit=).</p>')
+        out.append(f'<p class="note">At least {omitted} smaller rows left out (raise limit=, '
+                   f"up to {MAX_LIMIT}).</p>")
     return "".join(out)
 
 
 def _daily_table(report: Report) -> str:
     sources = report.source[:TOP_SOURCES]
-    heads = "".join(f"<th>{escape(_label('source', s.key))}<br>new / ret</th>" for s in sources)
-    out = [f'<table id="per-day"><tr><th>Day</th><th>New</th><th>Returning</th><th>Total</th>'
-           f"{heads}</tr>"]
+    heads = "".join(f"<th>{_name(s)}<br>new / ret</th>" for s in sources)
+    out = [f'<table id="per-day"><tr><th>Day</th><th>New</th><th>Returning</th><th>Users</th>'
+           f"<th>Touches</th>{heads}</tr>"]
     for day in reversed(report.daily):
-        if not day.new and not day.returning:
+        if not day.new and not day.returning and not day.touches:
             continue
         cells = []
         for s in sources:
@@ -178,7 +193,8 @@ def _daily_table(report: Report) -> str:
         out.append(f'<tr data-key="{day.day}"><td>{day.day}</td>'
                    f'<td data-col="new">{day.new}</td>'
                    f'<td data-col="returning">{day.returning}</td>'
-                   f'<td data-col="total">{day.new + day.returning}</td>{"".join(cells)}</tr>')
+                   f'<td data-col="total">{day.new + day.returning}</td>'
+                   f'<td data-col="touches">{day.touches}</td>{"".join(cells)}</tr>')
     if len(out) == 1:
         return '<p class="note">No referral touches in this range.</p>'
     out.append("</table>")

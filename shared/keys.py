@@ -22,8 +22,13 @@ ARQ_JOB_PREFIX = "arq:job:"
 """arq's job key prefix (arq.constants.job_key_prefix): ingest writes arq jobs directly."""
 
 REPORT_PREFIX = "fb:report:"
-"""`fb:report:<YYYY-MM-DD>`: a hash of the day's touch counts, `new|source|ADS` -> 3 and so on,
-the day taken from the touch's timestamp in UTC (see workers/effects.lua and shared/report.py)."""
+"""`fb:report:<YYYY-MM-DD>:<part>`: the report's counters of one UTC day, the day taken from the
+touch's timestamp (`report_day`; the parts are listed in shared/report.py, written by
+workers/effects.lua)."""
+
+REPORT_SCRATCH = "fb:report:scratch:"
+"""`fb:report:scratch:<random>`: a report's union of the days' HyperLogLogs, built a few days at
+a time and deleted once read (it expires after a minute if the report is cut short)."""
 
 REPORT_ADS = "fb:report:ads"
 """A hash of ad id -> ad title, from the `ads_context_data` of ad touches."""
@@ -44,9 +49,10 @@ def seen(event_id: str) -> str:
     return SEEN_PREFIX + event_id
 
 
-def report_day(day: str) -> str:
-    """The report hash of one UTC day, `day` written YYYY-MM-DD."""
-    return REPORT_PREFIX + day
+def report_day(day: str, part: str) -> str:
+    """One of the report's keys of a UTC day, `day` written YYYY-MM-DD: `n`, `new`, `ret`,
+    `<dimension>` or `<dimension>:new` (see shared/report.py)."""
+    return f"{REPORT_PREFIX}{day}:{part}"
 
 
 def health_check(queue: str, host: str) -> str:

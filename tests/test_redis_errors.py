@@ -87,14 +87,14 @@ async def test_a_write_failing_part_way_keeps_what_was_written_exactly_once(
             await effects.write([first, blocked])
     assert len(await stream_rows(redis, "referral")) == 1
     assert await redis.xlen(keys.REFERRALS_STREAM) == 1
-    assert await redis.hgetall(keys.report_day(day)) == {
-        b"new|source|SHORTLINK": b"1", b"new|ref|spring": b"1"}
+    assert await redis.hgetall(keys.report_day(day, "n")) == {b"new": b"1", b"touches": b"1"}
+    assert await redis.zrange(keys.report_day(day, "ref:new"), 0, -1) == [b"spring"]
 
     await redis.delete(keys.stream("message"))
     assert await effects.write([first, blocked]) == [SKIPPED, WRITTEN]
     assert len(await stream_rows(redis, "message")) == 1
     assert len(await stream_rows(redis, "referral")) == 1
-    assert (await redis.hgetall(keys.report_day(day)))[b"new|source|SHORTLINK"] == b"1"
+    assert await redis.hgetall(keys.report_day(day, "n")) == {b"new": b"1", b"touches": b"1"}
     await effects.aclose()
 
 
