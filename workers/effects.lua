@@ -5,9 +5,11 @@
 -- ARGV[7..10] key prefixes: seen, event stream, attribution, report day
 -- ARGV[11] the events, one MessagePack array of arrays (one argument instead of a dozen per
 --          event: packing arguments was half a worker's time):
---   {id, kind, channel, page id, sender, timestamp ms, event JSON, touch, touch JSON, day,
---    ad title}
---   where touch is a positional array (shared/attribution.py POSITIONS) or false.
+--   {id, kind, channel, page id, user, timestamp ms, event JSON, touch, touch JSON, day,
+--    ad title, object, sender, raw}
+--   where user is the key of the sender's attribution record (shared/identity.py), sender the
+--   id as sent, raw the item exactly as Facebook sent it, and touch a positional array
+--   (shared/attribution.py POSITIONS) or false.
 -- ARGV[12] the job's try (arq's job_try; 0 when unknown)
 -- ARGV[13..] optional: the arq job these events came from, finished here once every write is
 --          made, as arq finishes it: its in-progress, retry and job keys, then the queue, the
@@ -29,8 +31,18 @@ local seen_prefix, stream_prefix, attr_prefix, day_prefix = ARGV[7], ARGV[8], AR
 local ends = ARGV[13] ~= nil
 local marks = not (ends and ARGV[12] == '1' and redis.call('GET', ARGV[14]) == '1')
 
--- Positions in a stored touch (1-based): shared/attribution.py POSITIONS.
-local T, SOURCE, REF, AD = 1, 3, 5, 6
+-- Positions in a stored touch (1-based), filled in from shared/attribution.py POSITIONS by
+-- workers/effects.py when the script is loaded.
+local T, SOURCE, REF, AD, TIE, PRODUCT = POSITIONS
+
+-- Whether touch a is later than touch b: by timestamp, equal timestamps by their tie-break (a
+-- number derived from the event id), so arrival order never decides first or last touch.
+local function later(a, b)
+  if a[T] ~= b[T] then
+    return a[T] > b[T]
+  end
+  return (a[TIE] or 0) > (b[TIE] or 0)
+end
 
 -- Insert a touch into the user's record {count, first, history}: history latest first, capped;
 -- the earliest touch ever seen survives as `first` once it falls out of the history.
@@ -40,7 +52,7 @@ local function add_touch(key, touch)
   local history = record[3]
   local pos = #history + 1
   for j = 1, #history do
-    if touch[T] > history[j][T] then
+    if later(touch, history[j]) then
       pos = j
       break
     end
@@ -48,7 +60,7 @@ local function add_touch(key, touch)
   table.insert(history, pos, touch)
   if #history > cap then
     local dropped = table.remove(history)
-    if not record[2] or record[2][T] > dropped[T] then
+    if not record[2] or later(record[2], dropped) then
       record[2] = dropped
     end
   end
@@ -57,33 +69,103 @@ local function add_touch(key, touch)
   return record[1], history[1]
 end
 
--- A touch counted in its day's report hash: `new|source|ADS`, `ret|ref|<ref>`, `new|ad|<ad id>`.
--- Counts are summed over the batch and written once per field (a campaign's touches share a
--- handful of fields); a day's hash expires `retention` seconds after the day ends.
-local counts, expiry, titles = {}, {}, {}
+-- The report (shared/report.py). A user counts once per UTC day: as new on the day of their
+-- first touch ever, else as returning, under the source, ref and ad of their first touch that
+-- day. Keys of a day `<day_key>:<part>`: `n` a hash of exact `new` and `ret` users and
+-- `touches`; `new` and `ret` HyperLogLogs of those users (merged, they count distinct users
+-- over a range); `<dimension>` a sorted set row -> users, `<dimension>:new` row -> new users.
+-- Counts are summed over the batch and written once per key and member (a campaign's touches
+-- share a handful of members); every key expires `retention` seconds after its day ends.
+local SHOPS_PRODUCT = '(shops product)'  -- shared/report.py SHOPS_PRODUCT
+local hashes, zsets, users, expiry, titles = {}, {}, {}, {}, {}
 
-local function count(day_key, field)
-  local fields = counts[day_key]
-  if not fields then
-    fields = {}
-    counts[day_key] = fields
+local function add(sums, key, member, at)
+  local members = sums[key]
+  if not members then
+    members = {}
+    sums[key] = members
+    expiry[key] = at
   end
-  fields[field] = (fields[field] or 0) + 1
+  members[member] = (members[member] or 0) + 1
 end
 
-local function count_touch(day_key, touch, returning, title)
-  local side = returning and 'ret|' or 'new|'
-  count(day_key, side .. 'source|' .. (touch[SOURCE] or ''))
-  if touch[REF] then
-    count(day_key, side .. 'ref|' .. touch[REF])
+-- Whether the user's record (just written) holds a touch on `day` (days since the epoch) other
+-- than `touch`: the user was counted that day already. The history keeps the latest touches, so
+-- only a touch that arrives older than all of them can miss an earlier one of its day.
+local function counted_on(user_key, touch, day)
+  local record = cmsgpack.unpack(redis.call('GET', user_key))
+  local function other(t)
+    return t and math.floor(t[T] / 86400000) == day
+      and not (t[T] == touch[T] and (t[TIE] or 0) == (touch[TIE] or 0))
   end
-  if touch[AD] then
-    count(day_key, side .. 'ad|' .. touch[AD])
-    if title then
-      titles[touch[AD]] = title
+  if other(record[2]) then
+    return true
+  end
+  for _, t in ipairs(record[3]) do
+    if other(t) then
+      return true
     end
   end
-  expiry[day_key] = math.floor(touch[T] / 86400000) * 86400 + 86400 + retention
+  return false
+end
+
+local function count_row(day_key, dimension, key, side, at)
+  add(zsets, day_key .. ':' .. dimension, key, at)
+  if side == 'new' then
+    add(zsets, day_key .. ':' .. dimension .. ':new', key, at)
+  end
+end
+
+-- `count` is the user's touches so far (1: this is their first), `user_key` their record's key.
+local function count_touch(day_key, touch, count, title, user_key)
+  local day = math.floor(touch[T] / 86400000)
+  local at = day * 86400 + 86400 + retention
+  add(hashes, day_key .. ':n', 'touches', at)
+  if touch[AD] and title then
+    titles[touch[AD]] = title
+  end
+  local side = count == 1 and 'new' or 'ret'
+  if side == 'ret' and counted_on(user_key, touch, day) then
+    return
+  end
+  add(hashes, day_key .. ':n', side, at)
+  local hll = day_key .. ':' .. side
+  if not users[hll] then
+    users[hll] = {}
+    expiry[hll] = at
+  end
+  table.insert(users[hll], user_key)
+  count_row(day_key, 'source', touch[SOURCE] or (touch[PRODUCT] and SHOPS_PRODUCT) or '', side, at)
+  if touch[REF] then
+    count_row(day_key, 'ref', touch[REF], side, at)
+  end
+  if touch[AD] then
+    count_row(day_key, 'ad', touch[AD], side, at)
+  end
+end
+
+local function write_counts()
+  for key, fields in pairs(hashes) do
+    for field, by in pairs(fields) do
+      redis.call('HINCRBY', key, field, by)
+    end
+  end
+  for key, members in pairs(zsets) do
+    for member, by in pairs(members) do
+      redis.call('ZINCRBY', key, by, member)
+    end
+  end
+  for key, list in pairs(users) do
+    for i = 1, #list, 1000 do
+      redis.call('PFADD', key, unpack(list, i, math.min(i + 999, #list)))
+    end
+  end
+  for key, at in pairs(expiry) do
+    redis.call('EXPIREAT', key, at)
+  end
+  for ad, title in pairs(titles) do
+    redis.call('HSET', ad_titles, ad, title)
+  end
 end
 
 local function null(value)
@@ -104,26 +186,26 @@ end
 local out, events, written = {}, cmsgpack.unpack(ARGV[11]), 0
 local function write_all()
   for n, e in ipairs(events) do
-    local id, kind, sender, touch = e[1], e[2], e[5], e[8]
+    local id, kind, user, touch = e[1], e[2], e[5], e[8]
     local seen = seen_prefix .. id
     local state = marks and redis.call('GET', seen)
     if state == 'd' then
       out[n] = 0
     else
       redis.call('XADD', stream_prefix .. kind, 'MAXLEN', '~', maxlen, '*',
-        'id', id, 'kind', kind, 'channel', e[3], 'page_id', e[4], 'sender', sender,
-        'timestamp', e[6], 'event', e[7])
+        'id', id, 'kind', kind, 'channel', e[3], 'object', e[12], 'page_id', e[4],
+        'sender', e[13], 'user', user, 'timestamp', e[6], 'event', e[7], 'raw', e[14])
       out[n] = 1
       if touch then
-        local count, last = add_touch(attr_prefix .. sender, touch)
+        local count, last = add_touch(attr_prefix .. user, touch)
         out[n] = count > 1 and 3 or 2
-        count_touch(day_prefix .. e[10], touch, count > 1, e[11])
+        count_touch(day_prefix .. e[10], touch, count, e[11], attr_prefix .. user)
         local vars = cjson.encode({
           _fbRefSource = null(last[SOURCE]), _fbRefParam = null(last[REF]),
           _fbRefAdId = null(last[AD]),
         })
         redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
-          'user', sender, 'returning', count > 1 and '1' or '0', 'touches', count,
+          'user', user, 'object', e[12], 'returning', count > 1 and '1' or '0', 'touches', count,
           'touch', e[9], 'vars', vars)
       end
       if marks then
@@ -145,15 +227,7 @@ if not ok and not marks then
     end
   end
 end
-for day_key, fields in pairs(counts) do
-  for field, by in pairs(fields) do
-    redis.call('HINCRBY', day_key, field, by)
-  end
-  redis.call('EXPIREAT', day_key, expiry[day_key])
-end
-for ad, title in pairs(titles) do
-  redis.call('HSET', ad_titles, ad, title)
-end
+write_counts()
 if not ok then
   error(err)
 end

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.attribution import Touch, pack_touch, touch_dict
+from shared.attribution import POSITIONS, Touch, pack_touch, touch_dict
+from shared.codec import QueuedEvent
 from shared.events import Event
 from shared.pinned import Pinned
 from shared.report import RETENTION_DAYS, day_of
@@ -18,7 +19,17 @@ from shared.settings import Settings
 from workers import metrics
 from workers.touches import touch_of
 
-EFFECTS_LUA = resources.files("workers").joinpath("effects.lua").read_text()
+
+def _load_script() -> str:
+    """effects.lua, with the positions of a stored touch's values that it reads filled in from
+    shared/attribution.py (the one definition of a touch)."""
+    text = resources.files("workers").joinpath("effects.lua").read_text()
+    names = ("timestamp", "source", "ref", "ad_id", "tie", "product_id")
+    positions = ", ".join(str(POSITIONS.index(name) + 1) for name in names)
+    return text.replace("= POSITIONS\n", f"= {positions}\n", 1)
+
+
+EFFECTS_LUA = _load_script()
 
 SKIPPED, WRITTEN, NEW_USER, RETURNING_USER = 0, 1, 2, 3
 
@@ -35,6 +46,18 @@ def _ad_title(touch: Touch) -> str | bool:
     """The ad's title for the report, or false (Lua's "none")."""
     title = (touch.ads_context_data or {}).get("ad_title")
     return title if isinstance(title, str) and title else False
+
+
+class Row(NamedTuple):
+    """One event's arguments to effects.lua, and its touch's source (for the metrics)."""
+
+    values: tuple[Any, ...]
+    source: str | None
+
+    @property
+    def id(self) -> str:
+        """The event's id."""
+        return str(self.values[0])
 
 
 class JobEnd:
@@ -61,35 +84,36 @@ class Effects:
             keys.SEEN_PREFIX, keys.STREAM_PREFIX, keys.ATTR_PREFIX, keys.REPORT_PREFIX,
         )
 
-    async def write(self, events: list[Event], end: JobEnd | None = None) -> list[int]:
-        """One code per event: SKIPPED (already done), WRITTEN, NEW_USER or RETURNING_USER.
+    @staticmethod
+    def row(event: Event, queued: QueuedEvent) -> Row:
+        """What effects.lua writes for one event. Raises if the event cannot be encoded: the
+        caller then fails that event alone."""
+        touch = touch_of(event, queued.received_ms)
+        head = (event.id, event.kind, event.channel, event.page_id or "", event.user or "",
+                event.timestamp, _text(event))
+        tail = (queued.object, event.sender or "", queued.raw_text())
+        if touch is None:
+            return Row((*head, False, False, False, False, *tail), None)
+        return Row((*head, pack_touch(touch), _text(touch_dict(touch)), day_of(touch.timestamp),
+                    _ad_title(touch), *tail), touch.source)
+
+    async def write(self, rows: list[Row], end: JobEnd | None = None) -> list[int]:
+        """One code per row: SKIPPED (already done), WRITTEN, NEW_USER or RETURNING_USER.
         With `end`, the arq job is ended in the same atomic call (and on its lone first run no
         done marks are read or written: see workers/effects.lua)."""
-        if not events and end is None:
+        if not rows and end is None:
             return []
-        rows: list[tuple[Any, ...]] = []
-        sources: list[str | None] = []
-        for event in events:
-            touch = touch_of(event)
-            head = (event.id, event.kind, event.channel, event.page_id or "", event.sender or "",
-                    event.timestamp, _text(event))
-            if touch is None:
-                rows.append((*head, False, False, False, False))
-                sources.append(None)
-            else:
-                rows.append((*head, pack_touch(touch), _text(touch_dict(touch)),
-                             day_of(touch.timestamp), _ad_title(touch)))
-                sources.append(touch.source)
         tail = end.args if end is not None else (0,)
         client = self._clients.take()
         try:
-            reply = await self._script(args=[*self._header, _pack(rows), *tail], client=client)
+            reply = await self._script(
+                args=[*self._header, _pack([r.values for r in rows]), *tail], client=client)
         finally:
             self._clients.give(client)
         codes = [int(c) for c in reply]
-        for code, source in zip(codes, sources, strict=True):
+        for code, row in zip(codes, rows, strict=True):
             if code >= NEW_USER:
-                metrics.count_touch(source, code == RETURNING_USER)
+                metrics.count_touch(row.source, code == RETURNING_USER)
         return codes
 
     async def aclose(self) -> None:
