@@ -22,13 +22,11 @@ from cli.common import (
 )
 from cli.progress import Progress, wanted
 from shared import keys
-from shared.attribution import AttributionView, load, read_record
+from shared.attribution import POSITIONS, AttributionView, load, read_record
 from shared.identity import PSID, SPACES
 
-TOUCH_COLUMNS = (
-    "timestamp", "via", "source", "type", "ref", "ad_id", "product_id", "referer_uri",
-    "page_id", "ads_context_data",
-)
+TOUCH_COLUMNS = POSITIONS
+"""Every field of a touch (shared/attribution.py Touch, the one definition)."""
 CSV_COLUMNS = (
     "user", "touches",
     *(f"first_{c}" for c in TOUCH_COLUMNS),

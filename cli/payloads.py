@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ingest.signature import sign
+from shared.identity import PSID, USER_REF, user_key
 
 PAGE_ID = "1122334455"
 """The Page every simulated event is addressed to, unless told otherwise."""
@@ -162,9 +163,16 @@ class SimEvent:
 
     scenario: str
     user: str
-    """The attribution key: the PSID, or the chat plugin's `user_ref`."""
+    """The sender's id: the PSID, or the chat plugin's `user_ref`."""
     item: dict[str, Any]
     touch: ExpectedTouch | None
+    space: str = PSID
+    """The identity space of `user` (shared/identity.py): `psid`, or `user_ref`."""
+
+    @property
+    def key(self) -> str:
+        """The user's attribution key (`fb:attr:<key>`, the `user` of the read API's answer)."""
+        return user_key(self.space, self.user)
 
 
 def scenario_event(
@@ -200,7 +208,7 @@ def scenario_event(
         return SimEvent(scenario, user_ref, chat_plugin_referral(
             user_ref, referer_uri=site, ref="website_chat", timestamp=timestamp, page_id=page_id,
         ), ExpectedTouch("referral", "CUSTOMER_CHAT_PLUGIN", ref="website_chat",
-                         referer_uri=site))
+                         referer_uri=site), USER_REF)
     if scenario == "shop":
         product = _PRODUCTS[n % len(_PRODUCTS)]
         return SimEvent(scenario, psid, shops_message(

@@ -230,20 +230,20 @@ async def test_simulate_then_attribution_get_and_export(
     want = expected(12)
     tools = clean_env(REDIS_URL=redis_proc.url)
     for event in want:
-        got = await fbhook("attribution", "get", event.user, env=tools)
+        got = await fbhook("attribution", "get", event.user, "--space", event.space, env=tools)
         if event.touch is None:
             assert got.code == 1 and "no attribution" in got.err, got
             continue
         assert got.code == 0, got
         record = json.loads(got.out)
-        assert record["user"] == event.user and record["touches"] == 1
+        assert record["user"] == event.key and record["touches"] == 1
         check_touch(record["last"], event.touch)
         check_touch(record["first"], event.touch)
         if event.scenario == "ad":
             assert record["last"]["ads_context_data"]["ad_title"]
             assert record["vars"]["_fbRefAdId"] == event.touch.ad_id
 
-    with_touch = {e.user: e.touch for e in want if e.touch is not None}
+    with_touch = {e.key: e.touch for e in want if e.touch is not None}
     jsonl = await fbhook("attribution", "export", "--format", "jsonl", env=tools)
     assert jsonl.code == 0, jsonl
     records = [json.loads(line) for line in jsonl.out.splitlines()]
@@ -735,7 +735,7 @@ def test_the_commands_dev_prints_run_as_shown_and_read_its_redis(dev_run: Any) -
         assert time.monotonic() < deadline, f"{exported}\n{dev.report()}"
         time.sleep(0.2)
     assert sorted(json.loads(x)["user"] for x in exported.out.splitlines()) == sorted(
-        e.user for e in touched)
+        e.key for e in touched)
     reading = f"fbhook: reading Redis {redis_url} (started by fbhook dev, pid {dev.proc.pid}, "
     for line in (events_list, report, export):
         done = shell(line)
