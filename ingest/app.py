@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import msgspec
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from ingest import metrics
-from ingest.body import BodyReader
+from ingest.body import READ_BUFSIZE, BodyReader
 from ingest.envelope import parse
 from ingest.metrics import WebhookClock
 from ingest.observe import Outcome, request_fields, server_log, watchdog
@@ -271,6 +271,29 @@ async def report(request: web.Request) -> web.Response:
                         headers=_PAGE_HEADERS)
 
 
+async def _expect(request: web.Request) -> None:
+    """`Expect: 100-continue` answered as aiohttp does; any other value gets 417 without being
+    quoted back. aiohttp's own handler quotes it, and fails (500) on bytes that are not UTF-8."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="Expect must be 100-continue")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer itself has not started
+
+
+async def _unrouted(request: web.Request) -> web.StreamResponse:
+    """The 405 or 404 aiohttp would answer, from a route that has `_expect` (aiohttp answers
+    these from routes of its own that keep its Expect handler)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = connect(settings)
@@ -308,7 +331,7 @@ async def _metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     metrics_app = web.Application()
-    metrics_app.router.add_get("/metrics", metrics_endpoint)
+    metrics_app.router.add_get("/metrics", metrics_endpoint, expect_handler=_expect)
     runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, settings.ingest_host, settings.ingest_metrics_port).start()
@@ -324,20 +347,23 @@ def create_app(settings: Settings) -> web.Application:
     `lingering_time` before it closes the connection: BODY_TIMEOUT_SECONDS too, not its 10 s."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        handler_args={"lingering_time": settings.body_timeout_s, "logger": server_log},
+        handler_args={"lingering_time": settings.body_timeout_s, "read_bufsize": READ_BUFSIZE,
+                      "logger": server_log},
     )
     app[SETTINGS] = settings
     app[CLOCK] = WebhookClock()
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_watchdog_ctx)
     app.cleanup_ctx.append(_metrics_port_ctx)
-    app.router.add_get("/webhook", handshake)
-    app.router.add_post("/webhook", receive)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/attribution/{user_id}", attribution)
+    router = app.router
+    router.add_get("/webhook", handshake, expect_handler=_expect)
+    router.add_post("/webhook", receive, expect_handler=_expect)
+    router.add_get("/healthz", healthz, expect_handler=_expect)
+    router.add_get("/readyz", readyz, expect_handler=_expect)
+    router.add_get("/attribution/{user_id}", attribution, expect_handler=_expect)
     if not settings.ingest_metrics_port:  # else only on its own port
-        app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/report", report)
-    app.router.add_get("/report.json", report)
+        router.add_get("/metrics", metrics_endpoint, expect_handler=_expect)
+    router.add_get("/report", report, expect_handler=_expect)
+    router.add_get("/report.json", report, expect_handler=_expect)
+    router.add_route("*", "/{path:.*}", _unrouted, expect_handler=_expect)  # the rest, last
     return app

@@ -18,9 +18,15 @@ from shared.errors import BodyRefused
 from shared.settings import Settings
 
 FREE_BYTES = 65_536
-"""Bodies announced at up to this size are read without a slot: aiohttp buffers up to twice its
-`read_bufsize` (64 KiB) of any connection's body before a handler reads it, so holding such a
-body costs no more than a connection does. Facebook's webhooks are a few kilobytes."""
+"""Bodies announced at up to this size are read without a slot: aiohttp holds this much of any
+connection's body before a handler reads it (see READ_BUFSIZE), so such a body costs no more than
+a connection does. Facebook's webhooks are a few kilobytes."""
+
+READ_BUFSIZE = FREE_BYTES // 2
+"""aiohttp's `read_bufsize` for the ingest: it stops reading a connection once it holds twice
+this much of a body nobody reads yet, plus the one read that crossed the mark (up to 256 KiB).
+Its default of 256 KiB let each stalled upload waiting for a slot hold about 700 KB; `read()`
+raises the limit to MAX_BODY_BYTES for the body it reads, so reading is not slowed."""
 
 SLOT_WAIT_S = 0.5
 """How long a large body waits for a free slot before 503. A slot is freed as soon as the body

@@ -6,6 +6,7 @@ Requests that a client library would refuse to send go over raw sockets (tests/r
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import json
@@ -16,7 +17,7 @@ from urllib.parse import quote_from_bytes
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
@@ -28,7 +29,7 @@ from tests.conftest import API_TOKEN, SECRET, VERIFY_TOKEN, Post
 from tests.rawhttp import Answer, exchange, request
 from tests.redis_server import free_port
 
-EXAMPLES = settings(max_examples=40, deadline=None,
+EXAMPLES = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 
@@ -117,7 +118,11 @@ def test_parse_range_raises_only_report_range_errors_for_the_first_and_last_days
         dt.date(2024, 3, 1), dt.date(2024, 3, 30))
 
 
-@given(start=st.none() | st.text(max_size=12), end=st.none() | st.text(max_size=12))
+dates_or_text = st.none() | st.text(max_size=12) | st.dates().map(dt.date.isoformat)
+
+
+@given(start=dates_or_text, end=dates_or_text)
+@example(start=None, end="0001-01-05")
 @settings(max_examples=300)
 def test_parse_range_never_raises_anything_but_a_report_range_error(
     start: str | None, end: str | None
@@ -172,10 +177,17 @@ HEADER_NAMES = [b"Authorization", b"Content-Type", b"X-Hub-Signature-256", b"Acc
 QUERY_NAMES = ["from", "to", "limit", "format", "token", "hub.mode", "hub.verify_token",
                "hub.challenge", "x"]
 
-header_values = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+raw_header_values = st.binary(max_size=40).map(
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
 field_values = st.binary(max_size=40).map(  # what RFC 9110 allows in a field value
     lambda b: bytes(c for c in b if c == 0x20 or 0x21 <= c <= 0x7E or c >= 0x80).strip())
-query_values = st.binary(max_size=16).map(lambda b: quote_from_bytes(b, safe=b"").encode())
+header_values = (raw_header_values | field_values
+                 | st.builds(lambda scheme, v: scheme + v,
+                             st.sampled_from([b"Bearer ", b"bearer  ", b"Basic ", b""]),
+                             field_values))
+query_values = (st.binary(max_size=16).map(lambda b: quote_from_bytes(b, safe=b"").encode())
+                | st.dates().map(lambda d: d.isoformat().encode())
+                | st.integers().map(lambda n: str(n).encode()))
 raw_query_values = st.binary(max_size=12).filter(
     lambda b: not set(b) & set(b" \r\n#"))
 
@@ -217,7 +229,7 @@ async def test_no_authorised_read_gets_a_5xx(
     query = target.partition(b"?")[2]
     sent = [(b"Authorization", BEARER), *[h for h in headers if h[0] != b"Authorization"]]
     answer = await send(client, b"GET", path + (b"?" + query if query else b""), sent)
-    assert answer.status in (200, 400, 404), (answer.status, answer.body)
+    assert answer.status in (200, 400, 404, 417), (answer.status, answer.body)
 
 
 @given(headers=st.lists(st.tuples(st.sampled_from(HEADER_NAMES), field_values), max_size=5),
@@ -234,6 +246,54 @@ async def test_a_signed_webhook_is_accepted_whatever_other_headers_come_with_it(
     sent = [(b"Content-Type", b"application/json"), (b"X-Hub-Signature-256", signature), *odd]
     answer = await send(client, b"POST", b"/webhook", sent, body)
     assert answer.status == (200 if signed else 403), answer.body
+
+
+@pytest.mark.parametrize(("method", "target", "expect", "status"), [
+    (b"GET", b"/healthz", b"\x80", 417),
+    (b"GET", b"/nowhere", b"\xff\xfe", 417),
+    (b"PUT", b"/webhook", b"\xed\xa0\x80", 417),
+    (b"GET", b"/healthz", b"100-continue", 200),
+    (b"GET", b"/nowhere", b"100-continue", 404),
+    (b"PUT", b"/webhook", b"100-continue", 405),
+])
+async def test_an_expect_header_gets_its_answer_whatever_its_bytes(
+    method: bytes, target: bytes, expect: bytes, status: int, client: TestClient[Any, Any],
+) -> None:
+    """aiohttp's own Expect handler answered 500 to a value that is not UTF-8."""
+    answer = await send(client, method, target, [(b"Expect", expect)])
+    assert answer.status == status
+
+
+async def test_a_signed_webhook_sent_with_expect_100_continue_is_accepted(
+    client: TestClient[Any, Any],
+) -> None:
+    body = json.dumps(ENVELOPE).encode()
+    assert client.server.port is not None
+    raw = request(b"POST", b"/webhook", [(b"Content-Type", b"application/json"),
+                                         (b"X-Hub-Signature-256", sign(SECRET, body).encode()),
+                                         (b"Expect", b"100-continue")], body)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(head + b"\r\n\r\n")
+    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(rest)
+    assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+@pytest.mark.parametrize(("method", "target", "status", "allow"), [
+    (b"PUT", b"/webhook", 405, "GET,HEAD,POST"),
+    (b"POST", b"/healthz", 405, "GET,HEAD"),
+    (b"DELETE", b"/attribution/u1", 405, "GET,HEAD"),
+    (b"GET", b"/nowhere", 404, None),
+    (b"POST", b"/", 404, None),
+])
+async def test_paths_and_methods_no_route_takes_get_404_or_405(
+    method: bytes, target: bytes, status: int, allow: str | None, client: TestClient[Any, Any],
+) -> None:
+    answer = await send(client, method, target)
+    assert answer.status == status
+    assert (",".join(sorted(answer.headers["allow"].split(","))) if allow else None) == allow
 
 
 # --------------------------------------------------------------------------- malformed HTTP
