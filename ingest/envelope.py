@@ -23,7 +23,7 @@ from msgspec import UNSET, UnsetType
 from shared.codec import QueuedEvent, encode_event
 from shared.errors import BadRequest
 from shared.identity import as_id
-from shared.jsontext import loads, without_lone_surrogates
+from shared.jsontext import decode, without_lone_surrogates
 from shared.kinds import MID_KINDS, UNKNOWN, change_kind, classify, is_messaging_value, message_kind
 
 CHANNELS = ("messaging", "standby")
@@ -174,7 +174,7 @@ class _Reader:
                 entry = _entry_decoder.decode(raw)
             except msgspec.ValidationError:
                 # Not an entry object: no page, no items; kept whole as one unknown event.
-                self._add(raw, UNKNOWN, "entry", None, loads(raw), start)
+                self._add(raw, UNKNOWN, "entry", None, decode(raw), start)
                 continue
             page = as_id(entry.id)
             for channel in CHANNELS:
@@ -189,6 +189,7 @@ class _Reader:
         elements, or the value itself when it is not a list (absent or null: none)."""
         if not raw or bytes(raw) == b"null":
             return []
+        start = self._locate(raw, start)  # the list's own place: its items are inside it
         try:
             items = _items_decoder.decode(raw)
         except msgspec.ValidationError:
@@ -224,38 +225,46 @@ class _Reader:
             if mid:
                 self._add(raw, kind, channel, page, None, at, f"{kind}:{mid}")
                 return
-        item = loads(raw)
-        self._add(raw, classify(item), channel, page, item, at)
+        item = decode(raw)
+        self._add(raw, classify(item[0]), channel, page, item, at)
 
     def _route_change(self, raw: msgspec.Raw, page: str | None, at: int) -> None:
         try:
             change = _change_decoder.decode(raw)
         except msgspec.ValidationError:  # not an object
-            self._add(raw, UNKNOWN, "changes", page, loads(raw), at)
+            self._add(raw, UNKNOWN, "changes", page, decode(raw), at)
             return
         if change.value:
-            value = loads(change.value)
-            if is_messaging_value(value):
+            value = decode(change.value)
+            if is_messaging_value(value[0]):
                 at = self._locate(change.value, at)
-                self._add(change.value, classify(value), "messaging", page, value, at)
+                self._add(change.value, classify(value[0]), "messaging", page, value, at)
                 return
-        self._add(raw, change_kind(change.field), "changes", page, loads(raw), at)
+        self._add(raw, change_kind(change.field), "changes", page, decode(raw), at)
 
-    def _add(self, raw: msgspec.Raw, kind: str, channel: str, page: str | None, item: Any,
-             at: int, event_id: str | None = None) -> None:
-        if event_id is None:
-            event_id = dedupe_id(kind, item, page)
+    def _add(self, raw: msgspec.Raw, kind: str, channel: str, page: str | None,
+             item: tuple[Any, bool] | None, at: int, event_id: str | None = None) -> None:
+        """Queue one event. `item` is the decoded item and whether decoding changed values
+        (None when the typed glance gave the id)."""
         text = None
         if at >= 0:
             sent = self.body[at:at + len(raw)]
             if sent != bytes(raw):
                 text = sent.decode()
+        if event_id is None:
+            assert item is not None
+            value, changed = item
+            # Values that decoding changed (a lone surrogate, 1e400) hash with the text as sent,
+            # so that two items that differ as sent never share an id.
+            exact = (text.encode() if text is not None else bytes(raw)) \
+                if changed or text is not None else None
+            event_id = dedupe_id(kind, value, page, exact)
         blob = encode_event(QueuedEvent(event_id, kind, channel, self.obj, page, self.now, raw,
                                         text))
         self.out.append(Routed(event_id, kind, blob, channel, page))
 
 
-def dedupe_id(kind: str, item: Any, page: str | None) -> str:
+def dedupe_id(kind: str, item: Any, page: str | None, exact: bytes | None = None) -> str:
     """`<kind>:<mid>` where Facebook gives a mid; else a hash of the item's canonical JSON.
 
     The item (not the entry) is hashed: `entry.time` changes when Facebook retries, the item
@@ -270,4 +279,6 @@ def dedupe_id(kind: str, item: Any, page: str | None) -> str:
     digest = hashlib.blake2b(_canonical(item), digest_size=16, person=b"fbhook-item")
     if page is not None:
         digest.update(page.encode())
+    if exact is not None:
+        digest.update(b"\0" + exact)
     return "h:" + digest.hexdigest()

@@ -39,11 +39,17 @@ def without_lone_surrogates(text: bytes) -> bytes:
     return _ESCAPES.sub(_lone_to_replacement, text)
 
 
-def loads(text: bytes | str | msgspec.Raw) -> Any:
-    """Decode valid JSON whatever its strings and numbers hold; raises msgspec.DecodeError only
-    for text that is not JSON."""
+def decode(text: bytes | str | msgspec.Raw) -> tuple[Any, bool]:
+    """Decode valid JSON whatever its strings and numbers hold, and say whether the values had
+    to change (a lone surrogate, a number out of range): two texts that differ can then decode
+    alike. Raises msgspec.DecodeError only for text that is not JSON."""
     try:
-        return _strict.decode(text)
+        return _strict.decode(text), False
     except msgspec.DecodeError:
         data = text.encode() if isinstance(text, str) else bytes(text)
-        return _wide.decode(without_lone_surrogates(data))
+        return _wide.decode(without_lone_surrogates(data)), True
+
+
+def loads(text: bytes | str | msgspec.Raw) -> Any:
+    """The values of valid JSON text, as `decode` reads them."""
+    return decode(text)[0]

@@ -415,9 +415,6 @@ async def test_a_lone_surrogate_anywhere_in_a_signed_body_costs_no_event(
     assert (await record(redis, "s4")).last["ref"] == "ref-\ufffd"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: ingest/envelope.py _Reader locates each channel's items by searching the U+FFFD copy "
-    "from the entry's start, so the messaging item is cut from inside the standby item"))
 async def test_an_items_text_is_cut_from_its_own_place_when_it_also_appears_earlier(
     post: Post, drain: Drain, redis: Redis
 ) -> None:
@@ -440,9 +437,6 @@ async def test_an_items_text_is_cut_from_its_own_place_when_it_also_appears_earl
     ('"x \\ud83d"', '"x \\ufffd"'),
     ("1e400", "null"),
 ], ids=["two-halves", "half-and-replacement", "out-of-range-and-null"])
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: ingest/envelope.py dedupe_id hashes the decoded item, in which every lone surrogate is "
-    "U+FFFD and 1e400 is inf (encoded as null): the second change is dropped as a duplicate"))
 async def test_two_items_that_differ_as_sent_are_two_events(
     one: str, other: str, post: Post, drain: Drain, redis: Redis
 ) -> None:
