@@ -21,8 +21,8 @@ async def _one_event(post: Post, drain: Any, redis: Redis, item: dict[str, Any])
     return {**rows[0], "event": json.loads(rows[0]["event"])}
 
 
-async def _record(redis: Redis, user: str) -> Any:
-    view = await load(redis, user)
+async def _record(redis: Redis, user: str, space: str = "psid") -> Any:
+    view = await load(redis, user, space)
     assert view is not None, f"no attribution stored for {user}"
     return view
 
@@ -70,7 +70,7 @@ async def test_seed_002_postback_referral_from_chat_plugin(
     assert row["sender"] == "USER-REF-ID"
     assert row["timestamp"] == "1527459824000", "seconds given as a string become milliseconds"
     assert row["event"]["payload"] == "USER-DEFINED-PAYLOAD"
-    view = await _record(redis, "ref:USER-REF-ID")
+    view = await _record(redis, "USER-REF-ID", "user_ref")
     assert view.last["source"] == "SHORT-URL", "sources are kept as Facebook wrote them"
     assert view.last["via"] == "postback"
     assert view.last["timestamp"] == 1527459824000
