@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote_from_bytes
 
@@ -294,6 +295,22 @@ async def test_paths_and_methods_no_route_takes_get_404_or_405(
     answer = await send(client, method, target)
     assert answer.status == status
     assert (",".join(sorted(answer.headers["allow"].split(","))) if allow else None) == allow
+
+
+async def test_a_signed_webhook_sent_in_chunks_is_accepted(client: TestClient[Any, Any]) -> None:
+    """No Content-Length: the body takes a slot, as a large one does, and is read whole."""
+    items = [dict(ITEM, sender={"id": f"u-{n}"}) for n in range(400)]
+    body = json.dumps({"object": "page", "entry": [{"id": "p1", "messaging": items}]}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 10_000):
+            yield body[start:start + 10_000]
+            await asyncio.sleep(0)
+
+    response = await client.post("/webhook", data=chunks(), headers={
+        "Content-Type": "application/json", "X-Hub-Signature-256": sign(SECRET, body)})
+    assert response.status == 200, await response.text()
+    assert response.request_info.headers.get("Transfer-Encoding") == "chunked"
 
 
 # --------------------------------------------------------------------------- malformed HTTP
