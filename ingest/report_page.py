@@ -16,6 +16,9 @@ NEW_COLOUR = "#2563eb"
 RETURNING_COLOUR = "#f59e0b"
 TOP_SOURCES = 5
 """Sources given their own column in the per-day table."""
+SPARKLINE_ROWS = 50
+"""Rows of a table drawn with their per-day chart: 500 rows of a 401-day range would take the
+event loop tens of ms to draw."""
 
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
        "base-uri 'none'; frame-ancestors 'none'")
@@ -127,16 +130,15 @@ def _daily_chart(report: Report) -> str:
     return "".join(out)
 
 
-def _sparkline(report: Report, row: Row) -> str:
-    """A row's users per day as tiny stacked bars, on the row's own scale."""
+def _sparkline(positions: dict[str, int], row: Row) -> str:
+    """A row's users per day as tiny stacked bars, on the row's own scale; `positions` gives each
+    day of the report its place."""
     width, height = 120, 20
     peak = max((c.new + c.returning for c in row.days.values()), default=0) or 1
-    step = width / max(len(report.days), 1)
+    step = width / max(len(positions), 1)
     bars = []
-    for i, day in enumerate(report.days):
-        cell = row.days.get(day)
-        if cell is None:
-            continue
+    for day, cell in row.days.items():
+        i = positions[day]
         h_new = height * cell.new / peak
         h_ret = height * cell.returning / peak
         x = i * step
@@ -161,14 +163,16 @@ def _dimension_table(report: Report, dimension: str, rows: list[Row]) -> str:
     title_head = "<th class=\"t\">Title</th>" if dimension == "ad" else ""
     out = [f'<table id="by-{dimension}"><tr><th>{dimension.capitalize()}</th>{title_head}'
            "<th>New</th><th>Returning</th><th>Users</th><th>Share</th><th>Per day</th></tr>"]
-    for row in rows:
+    positions = {day: i for i, day in enumerate(report.days)}
+    for n, row in enumerate(rows):
         title = (f'<td class="t">{escape(row.title or "")}</td>' if dimension == "ad" else "")
+        chart = _sparkline(positions, row) if n < SPARKLINE_ROWS else ""
         out.append(
             f'<tr data-key="{escape(row.key)}"><td class="t">{_name(row)}</td>{title}'
             f'<td data-col="new">{row.new}</td><td data-col="returning">{row.returning}</td>'
             f'<td data-col="total">{row.new + row.returning}</td>'
             f'<td data-col="share">{100 * row.share:.1f}%</td>'
-            f"<td>{_sparkline(report, row)}</td></tr>"
+            f"<td>{chart}</td></tr>"
         )
     out.append("</table>")
     omitted = report.omitted.get(dimension, 0)

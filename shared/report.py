@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import heapq
 import secrets
-from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
@@ -36,6 +37,9 @@ MAX_DAYS: Final = RETENTION_DAYS + 1
 DEFAULT_LIMIT: Final = 50
 MAX_LIMIT: Final = 500
 """Rows per dimension at most (and what `limit=0` asks for): the work is bounded by the rows."""
+MAX_CELLS: Final = 20_000
+"""Rows x days per dimension at most: over a long range fewer rows are shown (never fewer than
+DEFAULT_LIMIT), so that the largest report stays well under a second."""
 
 DIMENSIONS: Final = ("source", "ref", "ad")
 NO_SOURCE: Final = ""
@@ -51,13 +55,18 @@ SOURCE_NAMES: Final = {
 }
 """Readable names of the sources Facebook sends (other values are shown as they are)."""
 
-READ_BUDGET: Final = 2_000
-"""Sorted-set entries one pipelined read asks for at most: decoding and adding up that many
-takes a few ms of the ingest's event loop, and webhook answers wait no longer than that."""
+READ_BUDGET: Final = 500
+"""Entries one pipelined read asks for, about: decoding and adding up its answer holds the
+ingest's event loop for a ms or two, and webhook answers are handled between two reads."""
+
+CANDIDATES: Final = 5_000
+"""Candidate rows per dimension at most: each day's top `limit` rows, fewer per day over a long
+range (at least MIN_DEPTH), so that picking the rows shown stays a step of a few ms."""
+MIN_DEPTH: Final = 10
 
 MERGE_KEYS: Final = 8
 """HyperLogLogs merged per call: PFCOUNT of 800 full ones takes Redis 40 ms in one command,
-every webhook waiting; 8 take under half a ms."""
+every webhook waiting; 8 take about half a ms."""
 
 SCRATCH_TTL_MS: Final = 60_000
 
@@ -66,8 +75,10 @@ class ReportRangeError(ValueError):
     """A `from`/`to` pair that is not two dates in order, at most MAX_DAYS apart."""
 
 
-class Counts(msgspec.Struct):
-    """Users of one row on one day: new, and returning."""
+class Counts(msgspec.Struct, gc=False):
+    """Users of one row on one day: new, and returning. (Numbers only, so not tracked by the
+    garbage collector: a large report makes tens of thousands, and each collection pass that
+    scans them holds the event loop.)"""
 
     new: int = 0
     returning: int = 0
@@ -85,7 +96,7 @@ class Totals(msgspec.Struct):
     user_days: int = 0
 
 
-class DayCounts(msgspec.Struct):
+class DayCounts(msgspec.Struct, gc=False):
     """One day's users (exact): new, returning, and the referral touches that day."""
 
     day: str
@@ -123,6 +134,9 @@ class Report(msgspec.Struct, rename={"start": "from"}):
     omitted: dict[str, int]
     """Rows left out of each dimension by the row limit, at least this many (the totals still
     count them)."""
+    limit: int = DEFAULT_LIMIT
+    """The rows per dimension this report shows at most: as asked, within MAX_LIMIT and
+    MAX_CELLS."""
 
 
 def utc_today() -> dt.date:
@@ -166,28 +180,31 @@ _EPOCH = dt.date(1970, 1, 1)
 async def build_report(redis: Redis, first: dt.date, last: dt.date,
                        limit: int = DEFAULT_LIMIT) -> Report:
     """The report for the days `first` to `last` inclusive; `limit` rows per dimension at most,
-    largest first (0, or more than MAX_LIMIT: MAX_LIMIT)."""
+    largest first (0: MAX_LIMIT; fewer over a long range, see MAX_CELLS)."""
     days = [(first + dt.timedelta(days=n)).isoformat() for n in range((last - first).days + 1)]
-    depth = min(limit, MAX_LIMIT) if limit > 0 else MAX_LIMIT
+    shown = min(limit if limit > 0 else MAX_LIMIT, MAX_LIMIT,
+                max(DEFAULT_LIMIT, MAX_CELLS // len(days)))
+    depth = min(shown, max(MIN_DEPTH, CANDIDATES // len(days)))
     daily, candidates, sizes = await _read_days(redis, days, depth)
     totals = Totals(new=sum(d.new for d in daily), touches=sum(d.touches for d in daily),
                     user_days=sum(d.new + d.returning for d in daily))
-    totals.returning, totals.users = await _distinct_users(redis, days)
-    chosen = {dim: _top(candidates[dim], depth) for dim in DIMENSIONS}
-    rows = await _read_rows(redis, days, chosen)
-    ranked = {dim: sorted(rows[dim], key=lambda r: (-(r.new + r.returning), r.key))
-              for dim in DIMENSIONS}
+    totals.returning, totals.users = await _distinct_users(
+        redis, [d.day for d in daily if d.returning], [d.day for d in daily if d.new])
+    chosen = {dim: _top(candidates[dim], shown) for dim in DIMENSIONS}
+    counted = [d.day for d in daily if d.new or d.returning]
+    rows = await _read_rows(redis, counted, chosen)
     for dim in DIMENSIONS:
-        for row in ranked[dim]:
+        rows[dim].sort(key=lambda r: (-(r.new + r.returning), r.key))
+        for row in rows[dim]:
             row.label = _label(dim, row.key)
             if totals.user_days:
                 row.share = round((row.new + row.returning) / totals.user_days, 4)
-    await _add_titles(redis, ranked["ad"])
+    await _add_titles(redis, rows["ad"])
     omitted = {dim: max(len(candidates[dim]), sizes[dim]) - len(chosen[dim])
                for dim in DIMENSIONS}
     return Report(
         start=days[0], to=days[-1], days=days, totals=totals, daily=daily,
-        source=ranked["source"], ref=ranked["ref"], ad=ranked["ad"], omitted=omitted,
+        source=rows["source"], ref=rows["ref"], ad=rows["ad"], omitted=omitted, limit=shown,
     )
 
 
@@ -203,11 +220,31 @@ def sent_value(row: Row) -> str | None:
     return row.key
 
 
-def _chunks(days: Sequence[str], per_day: int) -> Iterator[Sequence[str]]:
-    """The days in groups whose reads ask for about READ_BUDGET entries (one day at least)."""
-    size = max(1, READ_BUDGET // max(1, per_day))
-    for i in range(0, len(days), size):
-        yield days[i:i + size]
+_Unit = TypeVar("_Unit")
+
+
+async def _batched(redis: Redis, units: list[_Unit], entries: Callable[[_Unit], int],
+                   queue: Callable[[Any, _Unit], int]) -> AsyncIterator[tuple[_Unit, list[Any]]]:
+    """Each unit with its replies. `queue(pipe, unit)` adds a unit's commands to a pipeline and
+    says how many; units go in pipelines asking for about READ_BUDGET entries (`entries(unit)`),
+    one round trip each, and the caller handles a pipeline's replies before the next is sent.
+    (Sleeping after each for as long as it took, to leave webhooks the loop, made acks slower
+    in `python -m bench.report_cost`: p50 7.2 ms against 4.2 ms while reports ran back to back;
+    each sleep hands the process's CPU to others.)"""
+    start = 0
+    while start < len(units):
+        end, asked = start + 1, entries(units[start])
+        while end < len(units) and asked + entries(units[end]) <= READ_BUDGET:
+            asked += entries(units[end])
+            end += 1
+        async with redis.pipeline(transaction=False) as pipe:
+            counts = [queue(pipe, unit) for unit in units[start:end]]
+            replies: list[Any] = await pipe.execute()
+        at = 0
+        for unit, count in zip(units[start:end], counts, strict=True):
+            yield unit, replies[at:at + count]
+            at += count
+        start = end
 
 
 async def _read_days(redis: Redis, days: list[str], depth: int,
@@ -215,76 +252,73 @@ async def _read_days(redis: Redis, days: list[str], depth: int,
     """Each day's totals and its `depth` largest rows per dimension: the days' counts, each
     dimension's candidate rows with their partial sums, and each dimension's most rows in a day.
     A row that never makes a day's top `depth` is not a candidate (see docs/report.md)."""
-    daily: list[DayCounts] = []
+    daily = {day: DayCounts(day) for day in days}
     candidates: dict[str, dict[str, int]] = {dim: {} for dim in DIMENSIONS}
     sizes = dict.fromkeys(DIMENSIONS, 0)
-    for group in _chunks(days, depth * len(DIMENSIONS)):
-        async with redis.pipeline(transaction=False) as pipe:
-            for day in group:
-                pipe.hmget(keys.report_day(day, "n"), ["new", "ret", "touches"])
-                for dim in DIMENSIONS:
-                    pipe.zrevrange(keys.report_day(day, dim), 0, depth - 1, withscores=True)
-                    pipe.zcard(keys.report_day(day, dim))
-            replies: list[Any] = await pipe.execute()
-        per_day = 1 + 2 * len(DIMENSIONS)
-        for n, day in enumerate(group):
-            reply = replies[n * per_day:(n + 1) * per_day]
+
+    def queue(pipe: Any, unit: tuple[str, str]) -> int:
+        day, part = unit
+        if part == "n":
+            pipe.hmget(keys.report_day(day, "n"), ["new", "ret", "touches"])
+            return 1
+        pipe.zrevrange(keys.report_day(day, part), 0, depth - 1, withscores=True)
+        pipe.zcard(keys.report_day(day, part))
+        return 2
+
+    units = [(day, part) for day in days for part in ("n", *DIMENSIONS)]
+    async for (day, part), reply in _batched(redis, units, lambda u: 1 if u[1] == "n" else depth,
+                                             queue):
+        if part == "n":
             new, returning, touches = (int(v or 0) for v in reply[0])
-            daily.append(DayCounts(day, new, returning, touches))
-            for d, dim in enumerate(DIMENSIONS):
-                sums = candidates[dim]
-                for member, score in reply[1 + 2 * d]:
-                    key = member.decode(errors="replace")
-                    sums[key] = sums.get(key, 0) + int(score)
-                sizes[dim] = max(sizes[dim], int(reply[2 + 2 * d]))
-    return daily, candidates, sizes
+            daily[day] = DayCounts(day, new, returning, touches)
+            continue
+        sums = candidates[part]
+        for member, score in reply[0]:
+            key = member.decode(errors="replace")
+            sums[key] = sums.get(key, 0) + int(score)
+        sizes[part] = max(sizes[part], int(reply[1]))
+    return list(daily.values()), candidates, sizes
 
 
-def _top(sums: dict[str, int], depth: int) -> list[str]:
-    return sorted(sums, key=lambda k: (-sums[k], k))[:depth]
+def _top(sums: dict[str, int], shown: int) -> list[str]:
+    """The `shown` keys of largest sums (ties: by key), without sorting them all."""
+    return [k for k, _ in heapq.nsmallest(shown, sums.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 async def _read_rows(redis: Redis, days: list[str], chosen: dict[str, list[str]],
                      ) -> dict[str, list[Row]]:
     """The chosen rows' exact counts on every day of the range."""
     rows = {dim: {key: Row(key) for key in chosen[dim]} for dim in DIMENSIONS}
-    asked = [(dim, chosen[dim]) for dim in DIMENSIONS if chosen[dim]]
-    width = sum(len(members) for _, members in asked)
-    for group in _chunks(days, 2 * width):
-        if not asked:
-            break
-        async with redis.pipeline(transaction=False) as pipe:
-            for day in group:
-                for dim, members in asked:
-                    pipe.zmscore(keys.report_day(day, dim), members)
-                    pipe.zmscore(keys.report_day(day, f"{dim}:new"), members)
-            replies: list[Any] = await pipe.execute()
-        at = 0
-        for day in group:
-            for dim, members in asked:
-                users, new = replies[at], replies[at + 1]
-                at += 2
-                for key, u, n in zip(members, users, new, strict=True):
-                    if u:
-                        row, cell = rows[dim][key], Counts(int(n or 0), int(u) - int(n or 0))
-                        row.days[day] = cell
-                        row.new += cell.new
-                        row.returning += cell.returning
+    step = READ_BUDGET // 2
+    units = [(day, dim, chosen[dim][i:i + step]) for day in days for dim in DIMENSIONS
+             for i in range(0, len(chosen[dim]), step)]
+
+    def queue(pipe: Any, unit: tuple[str, str, list[str]]) -> int:
+        day, dim, members = unit
+        pipe.zmscore(keys.report_day(day, dim), members)
+        pipe.zmscore(keys.report_day(day, f"{dim}:new"), members)
+        return 2
+
+    async for (day, dim, members), (users, new) in _batched(
+            redis, units, lambda u: 2 * len(u[2]), queue):
+        for key, u, n in zip(members, users, new, strict=True):
+            if u:
+                row, cell = rows[dim][key], Counts(int(n or 0), int(u) - int(n or 0))
+                row.days[day] = cell
+                row.new += cell.new
+                row.returning += cell.returning
     return {dim: list(rows[dim].values()) for dim in DIMENSIONS}
 
 
-async def _distinct_users(redis: Redis, days: list[str]) -> tuple[int, int]:
+async def _distinct_users(redis: Redis, returning_days: list[str], new_days: list[str],
+                          ) -> tuple[int, int]:
     """Users counted returning on some day of the range, and users counted at all: unions of the
-    days' HyperLogLogs, merged MERGE_KEYS at a time into a scratch key (one round trip each, so
-    that webhook calls get their turn in between)."""
-    returning = [keys.report_day(day, "ret") for day in days]
-    new = [keys.report_day(day, "new") for day in days]
+    HyperLogLogs of the days that have any, merged MERGE_KEYS at a time into a scratch key (one
+    round trip each, so that webhook calls get their turn in between)."""
+    returning = [keys.report_day(day, "ret") for day in returning_days]
+    new = [keys.report_day(day, "new") for day in new_days]
     if len(returning) + len(new) <= MERGE_KEYS:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.pfcount(*returning)
-            pipe.pfcount(*returning, *new)
-            counts: list[int] = await pipe.execute()
-        return counts[0], counts[1]
+        return await _count(redis, returning), await _count(redis, [*returning, *new])
     scratch = keys.REPORT_SCRATCH + secrets.token_hex(8)
     found: list[int] = []
     try:
@@ -298,6 +332,10 @@ async def _distinct_users(redis: Redis, days: list[str]) -> tuple[int, int]:
     finally:
         await redis.delete(scratch)
     return found[0], found[1]
+
+
+async def _count(redis: Redis, hyperloglogs: list[str]) -> int:
+    return int(await redis.pfcount(*hyperloglogs)) if hyperloglogs else 0
 
 
 async def _add_titles(redis: Redis, ads: list[Row]) -> None:

@@ -220,6 +220,17 @@ async def test_report_rows_are_limited_and_exact_while_totals_count_every_row(
     assert report["totals"] == EXPECTED_TOTALS
 
 
+@pytest.mark.parametrize(("days", "limit", "shown"), [
+    (30, 50, 50), (30, 0, 500), (30, 10_000, 500), (40, 500, 500), (90, 500, 222),
+    (401, 500, 50), (401, 20, 20),
+])
+async def test_rows_are_capped_by_days_times_rows_never_below_the_default(
+    redis: Redis, days: int, limit: int, shown: int,
+) -> None:
+    report = await build_report(redis, TODAY - dt.timedelta(days=days - 1), TODAY, limit)
+    assert report.limit == shown
+
+
 async def test_report_needs_the_api_token(client: TestClient[Any, Any]) -> None:
     assert (await client.get("/report")).status == 401
     assert (await client.get("/report.json")).status == 401
@@ -318,30 +329,41 @@ async def _report_cost(redis: Redis, first: dt.date, last: dt.date) -> tuple[dic
 async def test_the_report_reads_the_same_whatever_the_number_of_refs(
     redis: Redis, settings: Settings,
 ) -> None:
-    """Bounded work: with 5,000 and with 9,000 distinct refs (one new user each) in a 7-day range,
-    the report sends the same commands and Redis answers it with the same number of bytes."""
+    """Bounded work: with 7,000 and with 9,800 distinct refs (a new user each, over 7 days, one
+    user in 5 back the next day through the chat plugin), the report sends the same commands and
+    Redis answers it with the same number of bytes."""
     effects = Effects(redis, settings)
+    first = D3 - dt.timedelta(days=6)
 
     async def add_refs(start: int, stop: int) -> None:
-        for batch in range(start, stop, 500):
-            await effects_write(effects, [
-                ("referral", referral(f"user-{n:05}", at(D3, 10) + n, source="SHORTLINK",
-                                      ref=f"ref-{n:05}"))
-                for n in range(batch, min(stop, batch + 500))])
+        items = []
+        for n in range(start, stop):
+            back = n % 7
+            ts = at(D3 - dt.timedelta(days=back), 10) + n
+            items.append(("referral", referral(f"user-{n:05}", ts, source="SHORTLINK",
+                                               ref=f"ref-{n:05}")))
+            if n % 5 == 0 and back:
+                items.append(("referral", referral(f"user-{n:05}", ts + 86_400_000,
+                                                   source="CUSTOMER_CHAT_PLUGIN")))
+        for i in range(0, len(items), 500):
+            await effects_write(effects, items[i:i + 500])
 
-    first = D3 - dt.timedelta(days=6)
-    await add_refs(0, 5_000)
+    await add_refs(0, 7_000)
     calls, sent = await _report_cost(redis, first, D3)
-    # per day: the totals, and each dimension's top 50 and size; the returning and then all
-    # users' HyperLogLogs merged 8 days at a time; per day the chosen rows' counts (source and
-    # ref: no ads)
+    # per day: the totals, and each dimension's top 50 and size; the days' HyperLogLogs of
+    # returning and then of all users merged 8 at a time; per day the chosen rows' counts
+    # (source and ref: no ads)
     assert calls == {"hmget": 7, "zrevrange": 21, "zcard": 21, "pfmerge": 2, "pexpire": 2,
                      "pfcount": 2, "del": 1, "zmscore": 28}
     assert sent < 16_384
-    await add_refs(5_000, 9_000)
-    assert await redis.zcard(keys.report_day(D3.isoformat(), "ref")) == 9_000
+    await add_refs(7_000, 9_800)
+    assert await redis.zcard(keys.report_day(D3.isoformat(), "ref")) == 1_400
     assert await _report_cost(redis, first, D3) == (calls, sent)
     assert await redis.keys(keys.REPORT_SCRATCH + "*") == []
+    report = await build_report(redis, first, D3)
+    assert (report.totals.new, report.totals.touches) == (9_800, 9_800 + 1_680)
+    assert len(report.ref) == 50
+    assert report.omitted["ref"] == 1_400 - 50  # at least: the most refs in a day, less 50
     await effects.aclose()
 
 
