@@ -196,8 +196,9 @@ raw_query_values = st.binary(max_size=12).filter(
 @st.composite
 def targets(draw: st.DrawFn) -> bytes:
     path = draw(st.sampled_from(ENDPOINTS))
-    if path.endswith(b"/") and path != b"/":
-        path += draw(st.binary(max_size=10).map(lambda b: quote_from_bytes(b).encode()))
+    if draw(st.booleans()):  # more path: %-encoded bytes, or raw ones
+        path += draw(st.binary(max_size=10).map(lambda b: quote_from_bytes(b).encode())
+                     | raw_query_values.map(lambda b: b.replace(b"?", b"")))
     pairs = draw(st.lists(st.tuples(st.sampled_from(QUERY_NAMES).map(str.encode),
                                     query_values | raw_query_values), max_size=4))
     if not pairs:
