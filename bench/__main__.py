@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import report, report_cost
 from bench.load import disable_wrk, generator_name
 from bench.plan import FULL, QUICK
 from bench.procs import REPO, service_env
@@ -46,6 +46,7 @@ def main() -> int:
             results["ceiling"] = ingest["ceiling"]
             results["peer"] = {**ingest["peer"], **bench.peer()}
             results["project"] = {**ingest["project"], **bench.project()}
+            results["report_cost"] = report_cost.measure(bench)
         finally:
             bench.procs.stop_all()
             _keep_logs(Path(tmp) / "logs", args.out / "logs")

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import report_cost
+
 Point = dict[str, Any]
 
 
@@ -237,6 +239,8 @@ def render(r: dict[str, Any]) -> str:
         f"during the ingest runs, {other_load(r, e2e=True):.0f}% during the end-to-end runs)\n\n"
         + table(r) + "\n\n### Saturation sweep, 1 event per POST\n\n" + sweep_table(r)
         + "\n\n### CPU use (% of one core)\n\n" + cpu_table(r) + "\n"
+        + ("\n### The report's cost (bench.report_cost)\n\n"
+           + report_cost.table(r["report_cost"]) if "report_cost" in r else "")
     )
 
 

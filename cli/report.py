@@ -10,6 +10,7 @@ import sys
 from cli.common import CommandFailed, add_redis_option, open_redis, tool_settings
 from shared.report import (
     DEFAULT_LIMIT,
+    MAX_CELLS,
     MAX_LIMIT,
     Report,
     ReportRangeError,
@@ -35,8 +36,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--from", dest="start", metavar="YYYY-MM-DD", help="first day")
     p.add_argument("--to", dest="end", metavar="YYYY-MM-DD", help="last day (default: today)")
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
-                   help=f"rows per dimension, largest first, at most {MAX_LIMIT}; 0 for "
-                        f"{MAX_LIMIT} (default: %(default)s)")
+                   help=f"rows per dimension, largest first, at most {MAX_LIMIT} (fewer over "
+                        f"long ranges: {MAX_CELLS:,} rows x days, never under {DEFAULT_LIMIT}); "
+                        "0 for the most (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_redis_option(p)
     p.set_defaults(run=run)

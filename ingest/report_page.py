@@ -10,7 +10,7 @@ import math
 from html import escape
 from urllib.parse import urlencode
 
-from shared.report import MAX_LIMIT, Report, Row, sent_value
+from shared.report import Report, Row, most_rows, sent_value
 
 NEW_COLOUR = "#2563eb"
 RETURNING_COLOUR = "#f59e0b"
@@ -178,7 +178,7 @@ def _dimension_table(report: Report, dimension: str, rows: list[Row]) -> str:
     omitted = report.omitted.get(dimension, 0)
     if omitted:
         out.append(f'<p class="note">At least {omitted} smaller rows left out (raise limit=, '
-                   f"up to {MAX_LIMIT}).</p>")
+                   f"up to {most_rows(len(report.days))} over this range).</p>")
     return "".join(out)
 
 

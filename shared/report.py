@@ -182,8 +182,7 @@ async def build_report(redis: Redis, first: dt.date, last: dt.date,
     """The report for the days `first` to `last` inclusive; `limit` rows per dimension at most,
     largest first (0: MAX_LIMIT; fewer over a long range, see MAX_CELLS)."""
     days = [(first + dt.timedelta(days=n)).isoformat() for n in range((last - first).days + 1)]
-    shown = min(limit if limit > 0 else MAX_LIMIT, MAX_LIMIT,
-                max(DEFAULT_LIMIT, MAX_CELLS // len(days)))
+    shown = min(limit, most_rows(len(days))) if limit > 0 else most_rows(len(days))
     depth = min(shown, max(MIN_DEPTH, CANDIDATES // len(days)))
     daily, candidates, sizes = await _read_days(redis, days, depth)
     totals = Totals(new=sum(d.new for d in daily), touches=sum(d.touches for d in daily),
@@ -206,6 +205,11 @@ async def build_report(redis: Redis, first: dt.date, last: dt.date,
         start=days[0], to=days[-1], days=days, totals=totals, daily=daily,
         source=rows["source"], ref=rows["ref"], ad=rows["ad"], omitted=omitted, limit=shown,
     )
+
+
+def most_rows(days: int) -> int:
+    """The most rows per dimension a report of `days` days shows (MAX_LIMIT, MAX_CELLS)."""
+    return min(MAX_LIMIT, max(DEFAULT_LIMIT, MAX_CELLS // days))
 
 
 def _label(dimension: str, key: str) -> str:
@@ -249,35 +253,37 @@ async def _batched(redis: Redis, units: list[_Unit], entries: Callable[[_Unit], 
 
 async def _read_days(redis: Redis, days: list[str], depth: int,
                      ) -> tuple[list[DayCounts], dict[str, dict[str, int]], dict[str, int]]:
-    """Each day's totals and its `depth` largest rows per dimension: the days' counts, each
-    dimension's candidate rows with their partial sums, and each dimension's most rows in a day.
-    A row that never makes a day's top `depth` is not a candidate (see docs/report.md)."""
-    daily = {day: DayCounts(day) for day in days}
+    """Each day's totals, then, for the days with users, its `depth` largest rows per dimension:
+    the days' counts, each dimension's candidate rows with their partial sums, and each
+    dimension's most rows in a day. A row that never makes a day's top `depth` is not a
+    candidate (see docs/report.md)."""
+    daily: list[DayCounts] = []
+
+    def queue_totals(pipe: Any, day: str) -> int:
+        pipe.hmget(keys.report_day(day, "n"), ["new", "ret", "touches"])
+        return 1
+
+    async for day, (reply,) in _batched(redis, days, lambda _: 3, queue_totals):
+        new, returning, touches = (int(v or 0) for v in reply)
+        daily.append(DayCounts(day, new, returning, touches))
+
     candidates: dict[str, dict[str, int]] = {dim: {} for dim in DIMENSIONS}
     sizes = dict.fromkeys(DIMENSIONS, 0)
 
-    def queue(pipe: Any, unit: tuple[str, str]) -> int:
-        day, part = unit
-        if part == "n":
-            pipe.hmget(keys.report_day(day, "n"), ["new", "ret", "touches"])
-            return 1
-        pipe.zrevrange(keys.report_day(day, part), 0, depth - 1, withscores=True)
-        pipe.zcard(keys.report_day(day, part))
+    def queue_top(pipe: Any, unit: tuple[str, str]) -> int:
+        day, dim = unit
+        pipe.zrevrange(keys.report_day(day, dim), 0, depth - 1, withscores=True)
+        pipe.zcard(keys.report_day(day, dim))
         return 2
 
-    units = [(day, part) for day in days for part in ("n", *DIMENSIONS)]
-    async for (day, part), reply in _batched(redis, units, lambda u: 1 if u[1] == "n" else depth,
-                                             queue):
-        if part == "n":
-            new, returning, touches = (int(v or 0) for v in reply[0])
-            daily[day] = DayCounts(day, new, returning, touches)
-            continue
-        sums = candidates[part]
-        for member, score in reply[0]:
+    units = [(d.day, dim) for d in daily if d.new or d.returning for dim in DIMENSIONS]
+    async for (_, dim), (top, size) in _batched(redis, units, lambda _: depth, queue_top):
+        sums = candidates[dim]
+        for member, score in top:
             key = member.decode(errors="replace")
             sums[key] = sums.get(key, 0) + int(score)
-        sizes[part] = max(sizes[part], int(reply[1]))
-    return list(daily.values()), candidates, sizes
+        sizes[dim] = max(sizes[dim], int(size))
+    return daily, candidates, sizes
 
 
 def _top(sums: dict[str, int], shown: int) -> list[str]:
