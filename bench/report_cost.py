@@ -2,23 +2,23 @@
 and what building reports does to webhook acks meanwhile.
 
 It starts its own Redis and ingest (as `python -m bench` does; `python -m bench` runs the same
-measurement after its others), writes `--refs` new users, each arriving through its own m.me ref,
-spread over the last 30 days, through the workers' own Lua call (workers/effects.py), and brings
-one user in five back the next day. Then it loads the ingest at a fixed rate (open loop,
-bench.loadgen paced, 1 event per POST) in turns: alone; while a client asks for reports back to
-back (JSON and page in turn): the default one (30 days, 50 rows), the one with the most rows
-(30 days, 500 rows) and the one with the longest range (401 days); and alone again. Ack latency
-during reports is compared with the runs alone. Redis's slow log counts the calls that held
-Redis over 1 ms (every webhook waits behind such a call), and INFO commandstats gives the Redis
-time of the report's commands.
+measurement after its others), posts `--refs` new users, each arriving through its own m.me ref,
+spread over the last 30 days, and brings one user in five back the next day, all through the
+ingest and one worker (`python -m workers`), as Facebook's webhooks would. Then it loads the
+ingest at a fixed rate (open loop, bench.loadgen paced, 1 event per POST) in turns: alone; while
+a client asks for reports back to back (JSON and page in turn): the default one (30 days, 50
+rows), the one with the most rows (30 days, 500 rows) and the one with the longest range (401
+days); and alone again. Ack latency during reports is compared with the runs alone. Redis's slow
+log counts the calls that held Redis over 1 ms (every webhook waits behind such a call), and INFO
+commandstats gives the Redis time of the report's commands.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import http.client
+import itertools
 import json
 import os
 import sys
@@ -29,77 +29,50 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
-from redis.asyncio import Redis as AsyncRedis
-
-from bench.load import start_paced
+from bench.load import start_closed, start_paced
+from bench.payloads import PAGE_ID
 from bench.plan import QUICK
 from bench.procs import REPO, Proc, service_env, wait_http
-from bench.run import Bench
-from shared.codec import QueuedEvent
+from bench.run import E2E_TIMEOUT_S, Bench
+from shared import keys
 from shared.report import MAX_DAYS, MAX_LIMIT
-from shared.settings import Settings
 from tests.redis_server import free_port, redis_server
-from workers.effects import Effects, Row
-from workers.normalize import normalize
 
 DAYS = 30
 RETURN_EVERY = 5
 RATE = 1000.0
 """Webhook POSTs per second during each run: light for the ingest, so that what moves the
 latency is the report."""
-BATCH = 1000
+PER_POST = 50
 LOADS = (("default", ""), ("most_rows", "?limit={most}"), ("longest", "?from={first}"))
 """The reports asked for back to back, one kind per run: name, query."""
 REPORT_COMMANDS = ("hmget", "zrevrange", "zcard", "zmscore", "pfmerge", "pfcount", "pexpire")
 Point = dict[str, Any]
 
 
-def _items(refs: int, today: dt.date) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event id, referral item): user n arrives on day n % DAYS through ref n; one user in
-    RETURN_EVERY comes back the next day (when that day is not in the future)."""
+def _items(refs: int, today: dt.date) -> Iterator[str]:
+    """Referral items: user n arrives on day n % DAYS through ref n; one user in RETURN_EVERY
+    comes back the next day (when that day is not in the future)."""
     base = int(dt.datetime(today.year, today.month, today.day, tzinfo=dt.UTC).timestamp()) * 1000
     for n in range(refs):
         back = n % DAYS
-        ts = base - back * 86_400_000 + n % 86_400_000 // 10
-        yield f"h:rc-{n}", _referral(n, ts)
+        ts = base - back * 86_400_000 + n // 10
+        yield _referral(n, ts)
         if n % RETURN_EVERY == 0 and back > 0:
-            yield f"h:rc-{n}-again", _referral(n, ts + 86_400_000)
+            yield _referral(n, ts + 86_400_000)
 
 
-def _referral(n: int, ts: int) -> dict[str, Any]:
-    return {"sender": {"id": str(8_000_000_000_000_000 + n)}, "recipient": {"id": "PAGE"},
-            "timestamp": ts, "referral": {"source": "SHORTLINK", "type": "OPEN_THREAD",
-                                          "ref": f"campaign-{n:06}"}}
+def _referral(n: int, ts: int) -> str:
+    return json.dumps({
+        "sender": {"id": str(8_000_000_000_000_000 + n)}, "recipient": {"id": PAGE_ID},
+        "timestamp": ts, "referral": {"source": "SHORTLINK", "type": "OPEN_THREAD",
+                                      "ref": f"campaign-{n:06}"}})
 
 
-def _row(event_id: str, item: dict[str, Any]) -> Row:
-    queued = QueuedEvent(event_id, "referral", "messaging", "page", "PAGE", int(item["timestamp"]),
-                         msgspec.Raw(json.dumps(item).encode()))
-    return Effects.row(normalize(queued, item), queued)
-
-
-async def seed(redis_url: str, env: dict[str, str], refs: int) -> int:
-    """Write the touches through effects.lua, BATCH per call; the number of touches."""
-    settings = Settings.from_env({**env, "REDIS_URL": redis_url})
-    redis = AsyncRedis.from_url(redis_url)
-    effects = Effects(redis, settings)
-    count = 0
-    batch: list[Row] = []
-    try:
-        for event_id, item in _items(refs, dt.datetime.now(dt.UTC).date()):
-            batch.append(_row(event_id, item))
-            if len(batch) == BATCH:
-                await effects.write(batch)
-                count += len(batch)
-                batch = []
-        if batch:
-            await effects.write(batch)
-            count += len(batch)
-    finally:
-        await effects.aclose()
-        await redis.aclose()
-    return count
+def _bodies(refs: int) -> Iterator[list[str]]:
+    items = _items(refs, dt.datetime.now(dt.UTC).date())
+    while batch := list(itertools.islice(items, PER_POST)):
+        yield batch
 
 
 class Reporter(threading.Thread):
@@ -152,17 +125,28 @@ class ReportCost:
     def run(self) -> dict[str, Any]:
         bench = self.bench
         bench.flush()
-        bench.log(f"report cost: writing {self.refs:,} refs over {DAYS} days")
-        t0 = time.perf_counter()
-        touches = asyncio.run(seed(bench.redis_url, self.env, self.refs))
-        bench.log(f"  {touches:,} touches in {time.perf_counter() - t0:.1f} s")
         self.ingest = bench.procs.python("ingest-report", "-m", "ingest",
                                          env={"INGEST_PORT": str(self.port)})
         try:
             wait_http(self.ingest, self.port)
-            return self._measure(touches)
+            return self._measure(self._seed())
         finally:
             bench.stop(self.ingest)
+
+    def _seed(self) -> int:
+        """Post the touches and let one worker store them; how many there are."""
+        bench = self.bench
+        bench.log(f"report cost: posting {self.refs:,} refs over {DAYS} days")
+        t0 = time.perf_counter()
+        pool = bench.pool(_bodies(self.refs))
+        workers = bench.workers(1)
+        run = start_closed(self.port, pool, 32, E2E_TIMEOUT_S)
+        bench.until(lambda: bench.xlen([keys.stream("referral")]) >= pool.events, run)
+        run.wait()
+        bench.stop(*workers)
+        pool.path.unlink()
+        bench.log(f"  {pool.events:,} touches stored in {time.perf_counter() - t0:.1f} s")
+        return pool.events
 
     def _measure(self, touches: int) -> dict[str, Any]:
         today = dt.datetime.now(dt.UTC).date()
