@@ -184,7 +184,7 @@ def _dimension_table(report: Report, dimension: str, rows: list[Row]) -> str:
 
 def _daily_table(report: Report) -> str:
     sources = report.source[:TOP_SOURCES]
-    heads = "".join(f"<th>{_name(s)}<br>new / ret</th>" for s in sources)
+    heads = "".join(f"<th>{escape(s.label or s.key)}<br>new / ret</th>" for s in sources)
     out = [f'<table id="per-day"><tr><th>Day</th><th>New</th><th>Returning</th><th>Users</th>'
            f"<th>Touches</th>{heads}</tr>"]
     for day in reversed(report.daily):
