@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from typing import TypeVar
 
 from shared.errors import ConfigError
+from shared.sentinel import is_sentinel_url
+from shared.sentinel import parse as parse_sentinel_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -64,9 +66,15 @@ def _token(name: str, raw: str) -> str:
 
 
 def _redis_url(name: str, raw: str) -> str:
-    if not raw.startswith(("redis://", "rediss://", "unix://")):
+    if is_sentinel_url(raw):
+        try:
+            parse_sentinel_url(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name} is not a valid Sentinel URL: {exc}") from None
+    elif not raw.startswith(("redis://", "rediss://", "unix://")):
         scheme = raw.partition("://")[0]
-        raise ConfigError(f"{name} must start with redis://, rediss:// or unix://, not {scheme!r}")
+        raise ConfigError(f"{name} must start with redis://, rediss://, unix://, "
+                          f"redis+sentinel:// or rediss+sentinel://, not {scheme!r}")
     return raw
 
 
@@ -101,6 +109,7 @@ class Settings:
     max_bodies_buffering: int = 8
     ingest_metrics_port: int = 0
     redis_timeout_s: float = 1.5
+    ack_replicas: int = 0
     dedupe_ttl_s: int = 172_800
     stream_maxlen: int = 1_000_000
     history_cap: int = 10
@@ -192,6 +201,7 @@ _SPEC: dict[str, tuple[str, Callable[[str, str], object], bool]] = {
     "MAX_BODIES_BUFFERING": ("max_bodies_buffering", _int(1, 10_000), False),
     "INGEST_METRICS_PORT": ("ingest_metrics_port", _int(0, 65535), False),
     "REDIS_TIMEOUT_SECONDS": ("redis_timeout_s", _float(0.05, 30.0), False),
+    "ACK_REPLICAS": ("ack_replicas", _int(0, 16), False),
     "DEDUPE_TTL_SECONDS": ("dedupe_ttl_s", _int(60, 30 * 86400), False),
     "STREAM_MAXLEN": ("stream_maxlen", _int(100, 1_000_000_000), False),
     "HISTORY_CAP": ("history_cap", _int(1, 1000), False),

@@ -1,0 +1,232 @@
+"""Redis behind Sentinel: the `redis+sentinel://` URL, and a connection pool that follows the
+primary from one failover to the next.
+
+redis-py asks Sentinel where the primary is only when it opens a connection. After a failover,
+its open connections go on writing to the demoted primary, without an error, until Sentinel
+reconfigures that server (10 s after a planned `SENTINEL FAILOVER` here), and the
+resynchronisation then throws those writes away: 173,430 acknowledged events in one measured
+failover. `FollowingPool` asks every sentinel where the primary is every `FOLLOW_INTERVAL_S`
+and closes each connection, idle or busy, that is open to another address: the command it was
+running fails with a connection error and is retried on a new connection to the new primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.exceptions import RedisError
+
+log = logging.getLogger("fbhook.redis")
+
+SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+DEFAULT_PORT = 26379
+TLS_OPTIONS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs"})
+
+FOLLOW_INTERVAL_S = 0.5
+"""How often a pool asks the sentinels where the primary is. Sentinels name the new primary
+about a second after a promotion; a client then leaves the old one within this much more."""
+
+Address = tuple[str, int]
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.startswith(SCHEMES)
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelURL:
+    """`redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/<service>[/db]`, or
+    `rediss+sentinel://` for TLS to the sentinels and the data nodes alike. The password is the
+    data nodes'; the sentinels are asked without one."""
+
+    sentinels: tuple[Address, ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_options: dict[str, str] = field(default_factory=dict)
+
+
+def parse(url: str) -> SentinelURL:
+    """Read a Sentinel URL; ValueError says what is wrong with it (never echoing a password)."""
+    if not is_sentinel_url(url):
+        raise ValueError(f"a Sentinel URL starts with {' or '.join(SCHEMES)}")
+    scheme, _, rest = url.partition("://")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    creds, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = creds.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = tuple(_address(part) for part in hosts.split(","))
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2:
+        raise ValueError("the path must be /<service-name> or /<service-name>/<db>, the name "
+                         "the sentinels monitor the primary under")
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise ValueError(f"the database after the service name must be a number, "
+                             f"not {parts[1]!r}")
+        db = int(parts[1])
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    tls = scheme == "rediss+sentinel"
+    unknown = set(options) - (TLS_OPTIONS if tls else set())
+    if unknown:
+        allowed = f"only {', '.join(sorted(TLS_OPTIONS))}" if tls else "none (plain TCP)"
+        raise ValueError(f"unknown option {sorted(unknown)[0]!r}: a Sentinel URL takes {allowed}")
+    return SentinelURL(sentinels, unquote(parts[0]), db, username, password, tls, options)
+
+
+def _address(part: str) -> Address:
+    host, port = part, ""
+    if part.startswith("["):  # [::1]:26379
+        host, _, tail = part[1:].partition("]")
+        port = tail.removeprefix(":")
+    elif part.count(":") == 1:
+        host, _, port = part.partition(":")
+    if not host:
+        raise ValueError("every sentinel needs a host (host:port, comma-separated)")
+    if not port:
+        return host, DEFAULT_PORT
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"sentinel port must be a number from 1 to 65535, not {port!r}")
+    return host, int(port)
+
+
+def following_pool(url: str, **connection_kwargs: Any) -> FollowingPool:
+    """A pool of connections to the primary the sentinels of `url` name. The socket timeouts
+    among `connection_kwargs` apply to the sentinels too; the retry options only to the data
+    connections (each tick asks every sentinel anyway)."""
+    parsed = parse(url)
+    tls: dict[str, Any] = {"ssl": True, **parsed.tls_options} if parsed.tls else {}
+    to_sentinels = {k: v for k, v in connection_kwargs.items()
+                    if k in {"socket_timeout", "socket_connect_timeout"}}
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        list(parsed.sentinels), sentinel_kwargs={**to_sentinels, **tls})
+    return FollowingPool(
+        parsed.service, manager, db=parsed.db, username=parsed.username,
+        password=parsed.password, **tls, **connection_kwargs,
+    )
+
+
+class FollowingPool(SentinelConnectionPool):
+    """A Sentinel pool whose connections never stay on a server the sentinels no longer name.
+
+    A background task, started with the first connection the pool hands out and stopped when
+    the pool is closed, asks the sentinels every FOLLOW_INTERVAL_S. A primary is believed only
+    when a majority of the sentinels of the URL name it: a sentinel cut off from the others may
+    still name the old one.
+    """
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._follower: asyncio.Task[None] | None = None
+        self.switches = 0
+        """How many times the primary changed under this pool (for tests and logs)."""
+
+    def get_available_connection(self) -> Connection:
+        if self._follower is None or self._follower.done():
+            self._follower = asyncio.get_running_loop().create_task(
+                _follow(weakref.ref(self)), name=f"follow-primary-{self.service_name}")
+        connection: Connection = super().get_available_connection()  # type: ignore[no-untyped-call]
+        return connection
+
+    async def get_master_address(self) -> Address:
+        """Where a new connection goes: the primary a majority of the sentinels name."""
+        address = await ask_sentinels(self.sentinel_manager.sentinels, self.service_name)
+        if address is None:
+            raise MasterNotFoundError(
+                f"no majority of the {len(self.sentinel_manager.sentinels)} sentinels names a "
+                f"primary for {self.service_name!r}")
+        await self.follow(address)
+        return address
+
+    async def follow(self, address: Address) -> None:
+        """Take `address` as the primary: close every connection open to another server."""
+        if self.master_address is not None and address != self.master_address:
+            self.switches += 1
+            log.warning("Redis primary for %s is now %s:%d (was %s:%d)", self.service_name,
+                        *address, *self.master_address)
+        self.master_address = address
+        stale = [c for c in chain(self._available_connections, self._in_use_connections)
+                 if c.is_connected and _address_of(c) != address]
+        await asyncio.gather(*(c.disconnect(nowait=True) for c in stale), return_exceptions=True)
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        """Closing the pool (every connection) also stops its follower and the sentinel
+        clients; closing only the idle connections does not."""
+        if inuse_connections:
+            await self._stop_following()
+        await super().disconnect(inuse_connections)
+
+    async def _stop_following(self) -> None:
+        follower, self._follower = self._follower, None
+        if follower is not None and follower is not asyncio.current_task():
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+        await asyncio.gather(*(s.aclose() for s in self.sentinel_manager.sentinels),
+                             return_exceptions=True)
+
+
+def _address_of(connection: object) -> Address | None:
+    host, port = getattr(connection, "host", None), getattr(connection, "port", None)
+    return (host, port) if isinstance(host, str) and isinstance(port, int) else None
+
+
+async def _follow(ref: weakref.ref[FollowingPool]) -> None:
+    """The follower's loop; it holds its pool only weakly, so a pool nobody closes still goes."""
+    while (pool := ref()) is not None:
+        address = await ask_sentinels(pool.sentinel_manager.sentinels, pool.service_name)
+        if address is not None:
+            await pool.follow(address)
+        del pool
+        await asyncio.sleep(FOLLOW_INTERVAL_S)
+
+
+async def ask_sentinels(sentinels: Sequence[Redis], service: str) -> Address | None:
+    """The primary a majority of `sentinels` name for `service`, as soon as that many agree;
+    None when no address gets a majority (sentinels down, cut off, or in disagreement)."""
+    need = len(sentinels) // 2 + 1
+    votes: collections.Counter[Address] = collections.Counter()
+    tasks = [asyncio.ensure_future(_ask(s, service)) for s in sentinels]
+    try:
+        for answer in asyncio.as_completed(tasks):
+            address = await answer
+            if address is not None:
+                votes[address] += 1
+                if votes[address] >= need:
+                    return address
+        return None
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _ask(sentinel: Redis, service: str) -> Address | None:
+    try:
+        reply = await sentinel.execute_command(  # type: ignore[no-untyped-call]
+            "SENTINEL GET-MASTER-ADDR-BY-NAME", service)
+    except (RedisError, OSError):
+        return None
+    if not reply:
+        return None
+    host, port = reply
+    return (host.decode() if isinstance(host, bytes) else str(host)), int(port)
