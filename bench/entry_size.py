@@ -22,7 +22,7 @@ from ingest.app import create_app
 from ingest.signature import sign
 from shared.settings import Settings
 from tests.redis_server import redis_server
-from workers.claiming import ClaimingWorker
+from workers.leased_worker import LeasedWorker as Worker
 from workers.settings import worker_settings
 
 EVENTS = 2000
@@ -45,7 +45,7 @@ async def measure(url: str) -> list[tuple[str, int, float, float]]:
                     "Content-Type": "application/json",
                     "X-Hub-Signature-256": sign(secret.encode(), body)})
                 assert answer.status == 200
-    worker = ClaimingWorker(**worker_settings(settings), burst=True, handle_signals=False)
+    worker = Worker(**worker_settings(settings), burst=True, handle_signals=False)
     try:
         await worker.main()
     finally:

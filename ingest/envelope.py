@@ -22,7 +22,7 @@ from msgspec import UNSET, UnsetType
 
 from shared.codec import QueuedEvent, encode_event
 from shared.errors import BadRequest
-from shared.identity import as_id
+from shared.identity import as_id, sender_of
 from shared.jsontext import decode, without_lone_surrogates
 from shared.kinds import MID_KINDS, UNKNOWN, change_kind, classify, is_messaging_value, message_kind
 
@@ -58,6 +58,7 @@ class _Head(msgspec.Struct):
 
     message: _MidHead | UnsetType | None = UNSET
     postback: _MidHead | UnsetType | None = UNSET
+    sender: Any = None
 
 
 class Routed(NamedTuple):
@@ -69,6 +70,9 @@ class Routed(NamedTuple):
     blob: bytes
     channel: str = "messaging"
     page: str | None = None
+    object: str = ""
+    user: str | None = None
+    """The key of the sender (shared/identity.py): ingest puts a user's events in one lane."""
 
 
 # Numbers out of a float's range decode as infinities (shared/jsontext.py), never as errors.
@@ -223,7 +227,8 @@ class _Reader:
                 body, kind = head.postback, "postback"
             mid = as_id(body.mid) if isinstance(body, _MidHead) else None
             if mid:
-                self._add(raw, kind, channel, page, None, at, f"{kind}:{mid}")
+                self._add(raw, kind, channel, page, None, at, f"{kind}:{mid}",
+                          sender_of(self.obj, channel, {"sender": head.sender}))
                 return
         item = decode(raw)
         self._add(raw, classify(item[0]), channel, page, item, at)
@@ -243,9 +248,12 @@ class _Reader:
         self._add(raw, change_kind(change.field), "changes", page, decode(raw), at)
 
     def _add(self, raw: msgspec.Raw, kind: str, channel: str, page: str | None,
-             item: tuple[Any, bool] | None, at: int, event_id: str | None = None) -> None:
+             item: tuple[Any, bool] | None, at: int, event_id: str | None = None,
+             sender: tuple[str, str] | None = None) -> None:
         """Queue one event. `item` is the decoded item and whether decoding changed values
-        (None when the typed glance gave the id)."""
+        (None when the typed glance gave the id and the sender)."""
+        if item is not None:
+            sender = sender_of(self.obj, channel, item[0])
         text = None
         if at >= 0:
             sent = self.body[at:at + len(raw)]
@@ -261,7 +269,8 @@ class _Reader:
             event_id = dedupe_id(kind, value, page, exact)
         blob = encode_event(QueuedEvent(event_id, kind, channel, self.obj, page, self.now, raw,
                                         text))
-        self.out.append(Routed(event_id, kind, blob, channel, page))
+        self.out.append(Routed(event_id, kind, blob, channel, page, self.obj,
+                               None if sender is None else sender[1]))
 
 
 def dedupe_id(kind: str, item: Any, page: str | None, exact: bytes | None = None) -> str:

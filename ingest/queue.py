@@ -15,22 +15,16 @@ import collections
 import itertools
 import os
 import time
-from importlib import resources
 from typing import Any
 
-import msgspec
 from redis.asyncio import Redis
 
 from ingest import metrics
 from ingest.envelope import Routed
-from shared import keys
-from shared.codec import JOB_TTL_MS, arq_job
 from shared.errors import QueueUnavailable
-from shared.kinds import job_for
+from shared.lanes import ENQUEUE_LUA, enqueue_args
 from shared.pinned import Pinned
 from shared.settings import Settings
-
-ENQUEUE_LUA = resources.files("ingest").joinpath("enqueue.lua").read_text()
 
 IN_FLIGHT = 2
 """Enqueue calls on the wire at once: two keep both the ingest and Redis busy."""
@@ -40,7 +34,6 @@ BATCH_EVENTS = 400
 huge batch, Redis runs it while the ingest waits, then the ingest reads the next requests while
 Redis waits; with several, one is parsed while Redis runs the other."""
 
-_pack = msgspec.msgpack.Encoder().encode
 
 
 class _Batch:
@@ -58,10 +51,7 @@ class Enqueuer:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self._script = redis.register_script(ENQUEUE_LUA)
         self._clients = Pinned(redis)  # a call goes out as soon as it is built
-        self._header: tuple[str | int, ...] = (
-            keys.SEEN_PREFIX, settings.dedupe_ttl_s, keys.ARQ_JOB_PREFIX, settings.queue_name,
-        )
-        self._max_events = settings.job_max_events
+        self._settings = settings
         self._deadline_s = settings.redis_timeout_s + 0.4
         self._id_prefix = os.urandom(6).hex()
         self._batch_ids = itertools.count()
@@ -105,8 +95,7 @@ class Enqueuer:
         started = time.perf_counter()
         client = self._clients.take()
         try:
-            new = await self._script(args=[*self._header, *self._args(batch.events)],
-                                     client=client)
+            new = await self._script(args=self._args(batch.events), client=client)
         except Exception as exc:  # noqa: BLE001 - any Redis failure means "not queued"
             metrics.ENQUEUE_FAILURES.inc()
             _fail(batch, QueueUnavailable(f"Redis refused the events: {type(exc).__name__}"))
@@ -140,26 +129,10 @@ class Enqueuer:
         _fail(batch, QueueUnavailable("Redis did not answer in time"))
 
     def _args(self, events: list[Routed]) -> list[Any]:
-        """The script's arguments after the fixed header: the job-id prefix, the time, the job
-        TTL, the events' ids with their place in the jobs, then the jobs, prebuilt here (Redis
-        then only rebuilds a job that held a duplicate)."""
-        now = int(time.time() * 1000)
-        open_jobs: dict[str, tuple[int, list[str]]] = {}
-        jobs: list[tuple[str, list[str]]] = []
-        places: list[tuple[str, int, int]] = []
-        for event in events:
-            job = job_for(event.kind)
-            current = open_jobs.get(job)
-            if current is None or len(current[1]) >= self._max_events:
-                jobs.append((job, []))
-                current = open_jobs[job] = (len(jobs), jobs[-1][1])
-            number, members = current
-            # Redis's Lua MessagePack decoder knows str but not bin: events travel as text.
-            members.append(event.blob.decode())
-            places.append((event.id, number, len(members)))
+        """The enqueue script's arguments: the events by lane (shared/lanes.py), and a prefix
+        that makes the ids of the jobs it may create unique."""
         prefix = f"{self._id_prefix}{next(self._batch_ids):x}-"
-        bodies = [arq_job(kind, members, now) for kind, members in jobs]
-        return [prefix, now, JOB_TTL_MS, _pack(places), *bodies]
+        return enqueue_args(self._settings, prefix, int(time.time() * 1000), events)
 
 
 def _fail(batch: _Batch, error: QueueUnavailable) -> None:

@@ -1,8 +1,9 @@
-"""The job codec: how ingest hands events to the workers through arq, without pickle.
+"""The job codec: how ingest hands events to the workers, without pickle.
 
-Ingest writes arq jobs itself (one Lua call per batch, see ingest/enqueue.lua) in arq's own
-layout `{t, f, a, k: {events: [...]}, et}`, encoded as MessagePack. Each element of `events` is a
+Ingest appends each event to its user's lane (a Redis list, see shared/lanes.py) as a
 `QueuedEvent` encoded as JSON: the raw item exactly as Facebook sent it, plus where it came from.
+A lane is drained by an arq job in arq's own layout `{t, f: "lane", a, k: {lane: n}, et}`,
+encoded as MessagePack, which ingest writes itself (shared/enqueue.lua).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-
-from shared.kinds import JOBS
 
 
 class QueuedEvent(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -54,13 +53,8 @@ def job_serializer(obj: dict[str, Any]) -> bytes:
     return _msgpack_encoder.encode(obj)
 
 
-class Events(list[str]):
-    """A job's events. arq logs every job's arguments with repr() before it starts; the full
-    repr of hundreds of events cost a worker 5% of its time, this one costs nothing."""
-
-    def __repr__(self) -> str:
-        return f"<{len(self)} events>"
-
+LANE_JOB = "lane"
+"""The arq job function that drains a lane (workers/lanes.py): its only argument is the lane."""
 
 UNREADABLE_JOB = "fbhook_unreadable_job"
 """The job function a job is handed to when its payload cannot be read (corrupt bytes, pickle,
@@ -72,12 +66,9 @@ def job_deserializer(data: bytes) -> dict[str, Any]:
     and drop a job it cannot read, so an unreadable one is handed to UNREADABLE_JOB instead."""
     try:
         result = _msgpack_decoder.decode(data)
-        kwargs = result["k"]
-        events = kwargs["events"]
-        if result["f"] not in JOBS or not isinstance(events, list) or \
-                not all(isinstance(e, str) for e in events):
+        lane = result["k"]["lane"]
+        if result["f"] != LANE_JOB or not isinstance(lane, int) or isinstance(lane, bool):
             raise ValueError(f"not a job of fbhook: function {result['f']!r}")
-        kwargs["events"] = Events(events)
     except Exception as exc:  # noqa: BLE001 - anything unreadable is kept, never dropped
         error = f"unreadable job: {type(exc).__name__}: {str(exc)[:200]}"
         return {"t": 1, "f": UNREADABLE_JOB, "a": [], "k": {"data": data, "error": error},
@@ -85,6 +76,6 @@ def job_deserializer(data: bytes) -> dict[str, Any]:
     return result  # type: ignore[no-any-return]
 
 
-def arq_job(kind: str, events: list[str], enqueue_ms: int) -> bytes:
-    """An arq job for the job function `kind`, in the layout ingest/enqueue.lua writes."""
-    return job_serializer({"t": 0, "f": kind, "a": [], "k": {"events": events}, "et": enqueue_ms})
+def lane_job(lane: int, enqueue_ms: int) -> bytes:
+    """The arq job that drains lane `lane`, in the layout shared/enqueue.lua writes."""
+    return job_serializer({"t": 1, "f": LANE_JOB, "a": [], "k": {"lane": lane}, "et": enqueue_ms})

@@ -55,3 +55,24 @@ def user_key(space: str, value: str) -> str:
     if space == PSID and ":" not in value:
         return value
     return _PREFIX[space] + value
+
+
+def sender_of(envelope_object: str, channel: str, item: Any) -> tuple[str, str] | None:
+    """The sender of one item as (id as sent, user key): for a messaging or standby item its
+    `sender` (see `space_of`); for a change, who it is about: `value.user.id` (inbox labels),
+    else `value.from.id` (comments). Ingest (to pick the user's lane) and workers (the event's
+    `sender` and `user`) both read it here."""
+    if not isinstance(item, dict):
+        return None
+    if channel == "changes":
+        value = item.get("value")
+        value = value if isinstance(value, dict) else {}
+        found = None
+        for holder in (value.get("user"), value.get("from")):
+            if isinstance(holder, dict) and (found := as_id(holder.get("id"))):
+                break
+        if not found:
+            return None
+        return found, user_key(IGSID if envelope_object == "instagram" else PSID, found)
+    space = space_of(envelope_object, item.get("sender"))
+    return None if space is None else (space[1], user_key(*space))

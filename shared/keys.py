@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 SEEN_PREFIX = "fb:seen:"
-"""`fb:seen:<event id>`: the dedupe marker; "q" once queued, "x" if dead, "d" once processed by a
-job that may run again (a job's lone first run, ended with its outputs, leaves "q")."""
+"""`fb:seen:<event id>`: the dedupe marker; "q" once queued, "x" if dead."""
+
+LANE_PREFIX = "fb:lane:"
+"""`fb:lane:<n>`: a list of queued events (codec QueuedEvent JSON), oldest first. A user's events
+all go to one lane (shared/lanes.py), and one job at a time drains a lane, in order."""
+
+LANE_JOB_PREFIX = "fb:lanejob:"
+"""`fb:lanejob:<n>`: the id of the arq job that owns lane n (queued, running, or waiting to
+retry its head event); absent when the lane is idle. Ingest sets it when it queues a job."""
+
+LANE_TRIES = "fb:lane:tries"
+"""A hash of event id -> failed tries, for the head events being retried (small)."""
 
 STREAM_PREFIX = "fb:events:"
 """`fb:events:<kind>`: a Redis Stream per event kind, the interface for downstream consumers."""
@@ -43,6 +53,14 @@ def stream(kind: str) -> str:
 
 def attribution(user: str) -> str:
     return ATTR_PREFIX + user
+
+
+def lane(n: int) -> str:
+    return f"{LANE_PREFIX}{n}"
+
+
+def lane_job(n: int) -> str:
+    return f"{LANE_JOB_PREFIX}{n}"
 
 
 def seen(event_id: str) -> str:

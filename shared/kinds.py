@@ -10,8 +10,6 @@ import re
 from typing import Any, Final
 
 UNKNOWN: Final = "unknown"
-CHANGES_JOB: Final = "changes"
-"""The job function of every change kind: their names come from the body, not from this list."""
 
 # Item key -> kind, in the order they are tried. `message` is refined by `message_kind`;
 # `policy-enforcement` (hyphen) is an old spelling, `messaging_seen` Instagram's read receipt.
@@ -43,18 +41,9 @@ KINDS: Final[tuple[str, ...]] = (
     *dict.fromkeys(k for k in EVENT_KEYS.values() if k != "message"),
     UNKNOWN,
 )
-"""Every built-in kind; each has its own arq job function and its own stream."""
-
-JOBS: Final[tuple[str, ...]] = (*KINDS, CHANGES_JOB)
-"""Every job function: one per built-in kind, and one for all change kinds."""
+"""Every built-in kind; each has its own stream. A change's kind is named by its field."""
 
 _BUILT_IN: Final = frozenset(KINDS)
-
-
-def job_for(kind: str) -> str:
-    """The job function that processes events of `kind`."""
-    return kind if kind in _BUILT_IN else CHANGES_JOB
-
 
 MID_KINDS: Final[dict[str, str]] = {
     "message": "message", "message_echo": "message", "message_unsend": "message",
@@ -94,12 +83,12 @@ def classify(item: Any) -> str:
 
 def change_kind(field: Any) -> str:
     """The kind of a `changes[]` item that is not a Messenger event: its `field`, lowercased and
-    made safe for a key name. A field that would name a built-in kind or job is prefixed
-    `change_`, so a change never lands in a messaging kind's stream with another shape."""
+    made safe for a key name. A field that would name a built-in kind is prefixed `change_`,
+    so a change never lands in a messaging kind's stream with another shape."""
     if not isinstance(field, str) or not field:
         return UNKNOWN
     kind = _NOT_KEY_SAFE.sub("_", field.lower())[:MAX_KIND_LENGTH]
-    return f"change_{kind}" if kind in JOBS else kind
+    return f"change_{kind}" if kind in _BUILT_IN else kind
 
 
 def is_messaging_value(value: Any) -> bool:

@@ -118,6 +118,8 @@ class Settings:
     job_timeout_s: int = 60
     job_max_tries: int = 5
     worker_max_jobs: int = 32
+    lanes: int = 256
+    worker_lease_s: float = 5.0
     worker_poll_delay_s: float = 0.05
     worker_metrics_port: int = 0
     watchdog_s: int = 900
@@ -210,6 +212,8 @@ _SPEC: dict[str, tuple[str, Callable[[str, str], object], bool]] = {
     "JOB_TIMEOUT_SECONDS": ("job_timeout_s", _int(1, 3600), False),
     "JOB_MAX_TRIES": ("job_max_tries", _int(1, 100), False),
     "WORKER_MAX_JOBS": ("worker_max_jobs", _int(1, 1000), False),
+    "LANES": ("lanes", _int(1, 65_536), False),
+    "WORKER_LEASE_SECONDS": ("worker_lease_s", _float(1.0, 60.0), False),
     "WORKER_POLL_DELAY_SECONDS": ("worker_poll_delay_s", _float(0.0, 10.0), False),
     "WORKER_METRICS_PORT": ("worker_metrics_port", _int(0, 65535), False),
     "WATCHDOG_SECONDS": ("watchdog_s", _int(0, 7 * 86400), False),

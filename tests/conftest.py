@@ -14,7 +14,7 @@ from ingest.app import create_app
 from ingest.signature import sign
 from shared.settings import Settings
 from tests.redis_server import RedisProcess, redis_server
-from workers.claiming import ClaimingWorker as Worker
+from workers.leased_worker import LeasedWorker as Worker
 from workers.settings import worker_settings
 
 SECRET = b"test-app-secret"

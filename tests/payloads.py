@@ -6,9 +6,12 @@ import json
 from typing import Any
 
 import msgspec
+from arq.constants import retry_key_prefix
+from redis.asyncio import Redis
 
+from shared import keys
 from shared.codec import QueuedEvent
-from workers.effects import Effects, Row
+from workers.effects import Effects, Outcome, Row, Step
 from workers.normalize import normalize
 
 PAGE = "1122334455"
@@ -201,3 +204,20 @@ def row(kind: str, event_id: str, channel: str, page: str | None, received_ms: i
     queued = QueuedEvent(event_id, kind, channel, obj, page, received_ms,
                          msgspec.Raw(json.dumps(item).encode()))
     return Effects.row(normalize(queued, item), queued)
+
+
+async def step(effects: Effects, redis: Redis, rows: list[Row], lane: int = 0,
+               job_try: int = 1) -> Outcome:
+    """One step of a lane's run, as a worker makes it: the rows sit at the head of lane `lane`,
+    whose owner is a job claimed `job_try` times."""
+    job = f"test-job-{lane}"
+    await redis.set(keys.lane_job(lane), job)
+    await redis.set(retry_key_prefix + job, job_try)
+    if rows:
+        await redis.rpush(keys.lane(lane), *[r.id for r in rows])
+    return await effects.write(rows, Step(lane, job, job_try))
+
+
+async def write(effects: Effects, redis: Redis, rows: list[Row], lane: int = 0) -> list[int]:
+    """The codes of one lane step writing `rows`."""
+    return (await step(effects, redis, rows, lane)).codes

@@ -41,7 +41,11 @@ from tests.redis_server import RedisProcess, redis_server
 
 JOB_TIMEOUT_S = 3
 IN_PROGRESS_TTL_S = JOB_TIMEOUT_S + 10
-"""arq's claim on a running job (`arq:in-progress:<id>`) lives job_timeout + 10 s."""
+"""arq's claim on a job it starts (`arq:in-progress:<id>`) lives job_timeout + 10 s; a lane job
+shortens it to its lease at once (workers/lanes.py)."""
+RECOVERY_BOUND_S = 10.0
+"""Another worker resumes a killed worker's lanes within this, by default (issue: per-user
+order): the lease (WORKER_LEASE_SECONDS, 5 s) plus a poll, whatever JOB_TIMEOUT_SECONDS is."""
 USERS = 40
 
 
@@ -107,7 +111,8 @@ async def test_sigkill_worker_mid_load_loses_nothing_and_recovers_in_bound(
     svc: Services, rclient: Redis
 ) -> None:
     ingest = svc.ingest()
-    first = svc.worker()
+    defaults = {"JOB_TIMEOUT_SECONDS": "60"}  # the default: recovery must not wait for it
+    first = svc.worker(**defaults)
     items = mixed_items("kill", 4000)
     load = asyncio.create_task(send_load(ingest.url, batches_of(items, 10), rate=150))
 
@@ -127,7 +132,7 @@ async def test_sigkill_worker_mid_load_loses_nothing_and_recovers_in_bound(
     first.signal(signal.SIGKILL)
     killed_at = time.monotonic()
     first.wait(5)
-    svc.worker()
+    svc.worker(**defaults)
     sent = await load
 
     assert orphaned > 0, "the worker was not killed in the middle of a job"
@@ -135,8 +140,8 @@ async def test_sigkill_worker_mid_load_loses_nothing_and_recovers_in_bound(
     await wait_processed(rclient, {i for s in sent for i in s.ids}, within_s=60)
     recovery = time.monotonic() - killed_at
     await assert_exactly_once(rclient, sent, sent)
-    # Orphaned jobs wait for their claim to expire, then the second worker runs them.
-    assert recovery <= IN_PROGRESS_TTL_S + 7, f"recovery took {recovery:.1f}s\n{svc.logs()}"
+    # Orphaned lanes wait for their lease to expire, then the second worker runs them.
+    assert recovery <= RECOVERY_BOUND_S, f"recovery took {recovery:.1f}s\n{svc.logs()}"
     print(f"recovery after SIGKILL: {recovery:.1f}s ({orphaned} jobs orphaned)")
 
 
@@ -175,7 +180,7 @@ async def test_redis_restart_under_load_keeps_every_acknowledged_event(
     load = asyncio.create_task(send_load(ingest.url, batches_of(items, 10), rate=100))
 
     async def some_done() -> bool:
-        return await processed_total(rclient) > 400
+        return await processed_total(rclient) > 100  # early: most of the load is still to come
 
     await wait_until(some_done, 30, "some events to be processed")
     own_redis.stop(sig_kill=True)  # a crash: only what the AOF holds survives

@@ -2,7 +2,7 @@
 
 Handlers are registered with `workers.registry.on(kind)` and removed after each test. The in-process
 `drain` fixture runs a real arq worker in burst mode against the test Redis; `Retry` defers a job
-by `workers.jobs.backoff_s(try)` seconds, patched to 0 here so that retries run at once.
+by `workers.lanes.backoff_s(try)` seconds, patched to 0 here so that retries run at once.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-import workers.jobs
+import workers.lanes
 from shared.events import Event, Unknown
 from shared.settings import Settings
 from tests.conftest import Post, stream_rows
 from workers import registry
-from workers.claiming import ClaimingWorker as Worker
 from workers.deadletters import list_dead, purge, replay
+from workers.leased_worker import LeasedWorker as Worker
 from workers.settings import worker_settings
 
 Handler = Callable[[dict[str, Any], Event], Awaitable[None]]
@@ -29,14 +29,14 @@ Handler = Callable[[dict[str, Any], Event], Awaitable[None]]
 
 @pytest.fixture
 def tries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """No waiting between tries; records the try number of every backoff asked for."""
+    """No waiting between tries (a lane asks for its backoffs by try number when a run starts)."""
     asked: list[int] = []
 
     def no_wait(job_try: int) -> float:
         asked.append(job_try)
         return 0.0
 
-    monkeypatch.setattr(workers.jobs, "backoff_s", no_wait)
+    monkeypatch.setattr(workers.lanes, "backoff_s", no_wait)
     return asked
 
 
@@ -64,7 +64,7 @@ def envelope(*items: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_backoff_grows_and_is_capped() -> None:
-    waits = [workers.jobs.backoff_s(n) for n in range(1, 12)]
+    waits = [workers.lanes.backoff_s(n) for n in range(1, 12)]
     assert waits == sorted(waits)
     assert waits[0] < waits[1] < waits[2]
     assert max(waits) == 60
@@ -85,11 +85,11 @@ async def test_transient_handler_errors_are_retried_then_processed_once(
     await drain()
 
     assert calls == ["message:m-flaky"] * 3  # failed, failed, succeeded (JOB_MAX_TRIES is 3)
-    assert tries == [1, 2], "each retry asks for a backoff by its try number"
+    assert await redis.hlen("fb:lane:tries") == 0, "tries are forgotten once it succeeds"
     rows = await stream_rows(redis, "message")
     assert [r["id"] for r in rows] == ["message:m-flaky"]
     assert await list_dead(redis) == []
-    assert await redis.get("fb:seen:message:m-flaky") == b"d"
+    assert await redis.get("fb:seen:message:m-flaky") == b"q"  # still a duplicate if resent
 
 
 async def test_retry_runs_only_the_failed_events_handlers_again(
@@ -204,7 +204,7 @@ async def test_an_unknown_kind_is_routed_not_failed(
     event = json.loads(rows[0]["event"])
     assert event["key"] == "message_request"
     assert event["raw"] == item
-    assert tries == [] and await list_dead(redis) == []
+    assert await redis.hlen("fb:lane:tries") == 0 and await list_dead(redis) == []
 
 
 async def test_an_unknown_kind_with_a_handler_becomes_its_own_kind(

@@ -23,10 +23,10 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-import workers.jobs
+import workers.lanes
 from shared import keys
 from shared.attribution import AttributionView, read_record
-from shared.codec import QueuedEvent, arq_job, decode_event, encode_event, job_serializer
+from shared.codec import QueuedEvent, decode_event, encode_event, job_serializer, lane_job
 from shared.events import Event
 from shared.report import day_of
 from shared.settings import Settings
@@ -47,7 +47,7 @@ T = 1_700_000_000_000
 
 @pytest.fixture
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(workers.jobs, "backoff_s", lambda job_try: 0.0)
+    monkeypatch.setattr(workers.lanes, "backoff_s", lambda job_try: 0.0)
 
 
 @pytest.fixture
@@ -271,8 +271,10 @@ async def test_an_undecodable_event_in_a_job_is_dead_lettered_alone(
         "message:m-fine", "message", "messaging", "page", PAGE, T,
         msgspec.Raw(json.dumps(message("u1", "m-fine")).encode()))).decode()
     garbage, wrong_shape = "not json {", '{"id": "x"}'
-    job = arq_job("message", [garbage, good, wrong_shape], T)
-    await redis.set("arq:job:mixed", job)
+    # A lane holding them in this order, owned by a queued job, as ingest leaves one.
+    await redis.rpush("fb:lane:0", garbage, good, wrong_shape)
+    await redis.set("fb:lanejob:0", "mixed")
+    await redis.set("arq:job:mixed", lane_job(0, T))
     await redis.zadd(settings.queue_name, {"mixed": 1})
     await drain()
 

@@ -20,6 +20,7 @@ from ingest import metrics as ingest_metrics
 from ingest.app import CLOCK, STATE, create_app
 from ingest.metrics import WebhookClock
 from ingest.observe import watchdog
+from shared.lanes import lane_of
 from shared.logs import JsonFormatter, TextFormatter
 from shared.settings import Settings
 from tests.conftest import API_TOKEN, SECRET, VERIFY_TOKEN, Post
@@ -135,7 +136,7 @@ def registry() -> Samples:
 
 
 async def test_worker_metrics_count_jobs_events_and_touches_by_source(
-    post: Post, drain: Any,
+    post: Post, drain: Any, settings: Settings,
 ) -> None:
     before = registry()
     assert (await post(envelope(
@@ -150,10 +151,12 @@ async def test_worker_metrics_count_jobs_events_and_touches_by_source(
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
+    # One lane job per lane the users' events went to, then one for w1's second referral.
+    lanes = {lane_of("page", "PAGE1", u, "", settings.lanes) for u in ("w1", "w2", "w3", "w4")}
     assert delta("fbhook_events_processed_total", kind="referral") == 5
     assert delta("fbhook_events_processed_total", kind="message") == 1
-    assert delta("fbhook_jobs_total", kind="referral", outcome="ok") == 2
-    assert delta("fbhook_job_duration_seconds_count", kind="referral") == 2
+    assert delta("fbhook_jobs_total", outcome="ok") == len(lanes) + 1
+    assert delta("fbhook_job_duration_seconds_count") == len(lanes) + 1
     assert delta("fbhook_attribution_touches_total", source="ADS", user="new") == 1
     assert delta("fbhook_attribution_touches_total", source="ADS", user="returning") == 1
     assert delta("fbhook_attribution_touches_total", source="SHORTLINK", user="new") == 1
@@ -187,7 +190,7 @@ async def test_dead_letters_are_counted(post: Post, drain: Any, settings: Settin
     async def failing(ctx: dict[str, Any], event: Any) -> None:
         raise RuntimeError("token=abc handler broke")
 
-    monkeypatch.setattr("workers.jobs.backoff_s", lambda job_try: 0.0)
+    monkeypatch.setattr("workers.lanes.backoff_s", lambda job_try: 0.0)
     handlers.on("read")(failing)
     try:
         before = registry()
@@ -203,8 +206,8 @@ async def test_dead_letters_are_counted(post: Post, drain: Any, settings: Settin
         return value(after, name, **labels) - value(before, name, **labels)
 
     assert delta("fbhook_dead_letters_total", kind="read") == 1
-    assert delta("fbhook_jobs_total", kind="read", outcome="retry") == settings.job_max_tries - 1
-    assert delta("fbhook_jobs_total", kind="read", outcome="dead_letter") == 1
+    assert delta("fbhook_jobs_total", outcome="retry") == settings.job_max_tries - 1
+    assert delta("fbhook_jobs_total", outcome="dead_letter") == 1
 
 
 def test_worker_serves_metrics_on_its_port(settings: Settings) -> None:
@@ -286,14 +289,15 @@ async def test_one_log_line_per_job(
     assert (await post(envelope(referral("j1", "ADS")))).status == 200
     caplog.set_level(logging.DEBUG, logger="fbhook.worker")
     await drain()
-    jobs = [r for r in records(caplog, "fbhook.worker") if r.getMessage().startswith("job ")]
+    jobs = [r for r in records(caplog, "fbhook.worker")
+            if r.getMessage().startswith("lane job ")]
     assert len(jobs) == 1
     fields = jobs[0].__dict__
-    assert fields["kind"] == "referral" and fields["outcome"] == "ok"
-    assert (fields["events"], fields["written"], fields["new_users"]) == (1, 1, 1)
-    assert (fields["page"], fields["user"]) == ("PAGE1", "j1")
+    assert fields["outcome"] == "ok" and fields["try"] == 1
+    assert fields["lane"] == lane_of("page", "PAGE1", "j1", "", 256)
+    assert (fields["steps"], fields["written"], fields["failed"]) == (1, 1, 0)
     assert fields["ms"] >= 0
-    assert json.loads(JsonFormatter().format(jobs[0]))["kind"] == "referral"
+    assert json.loads(JsonFormatter().format(jobs[0]))["outcome"] == "ok"
 
 
 def test_text_logs_on_a_terminal_keep_the_fields() -> None:
@@ -381,7 +385,7 @@ async def test_check_reports_this_hosts_worker(redis: Redis, settings: Settings,
 async def test_a_running_worker_writes_its_health_check_key(
     redis: Redis, settings: Settings,
 ) -> None:
-    from workers.claiming import ClaimingWorker as Worker
+    from workers.leased_worker import LeasedWorker as Worker
     from workers.settings import worker_settings
 
     worker = Worker(**worker_settings(settings), handle_signals=False)

@@ -158,7 +158,7 @@ async def test_streams_are_capped(post: Post, redis: Redis, settings: Settings) 
     from dataclasses import replace
 
     from shared import keys
-    from workers.claiming import ClaimingWorker as Worker
+    from workers.leased_worker import LeasedWorker as Worker
     from workers.settings import worker_settings
 
     capped = replace(settings, stream_maxlen=100)
@@ -171,11 +171,12 @@ async def test_streams_are_capped(post: Post, redis: Redis, settings: Settings) 
     assert 100 <= await redis.xlen(keys.stream("message")) <= 200
 
 
-async def test_a_job_holding_duplicates_keeps_only_the_new_events(
-    post: Post, drain: Any, redis: Redis
+async def test_duplicates_are_not_queued_and_each_users_events_share_one_lane(
+    post: Post, drain: Any, redis: Redis, settings: Settings
 ) -> None:
-    """Ingest prebuilds each job; Redis drops the duplicates from it (or the whole job)."""
-    import msgspec
+    """Redis drops the duplicates of a batch; the new events go to their user's lane, in order,
+    and one job owns each lane that got events."""
+    from shared.lanes import lane_of
 
     await post(p.body(p.text_message(mid="m1"), p.text_message(mid="m2"), p.read_event()))
     await drain()
@@ -184,56 +185,30 @@ async def test_a_job_holding_duplicates_keeps_only_the_new_events(
         p.text_message(mid="m2"), p.text_message(mid="m4"), p.text_message(mid="m3"),
     )
     assert (await post(mixed)).status == 200
-    jobs = [msgspec.msgpack.decode(await redis.get(k)) async for k in redis.scan_iter("arq:job:*")]
-    assert [(j["f"], [json.loads(e)["id"] for e in j["k"]["events"]]) for j in jobs] == [
-        ("message", ["message:m3", "message:m4"])
-    ], "the read job was all duplicates and is not written"
+    lane = lane_of("page", p.PAGE, p.PSID, "", settings.lanes)
+    queued = [json.loads(b)["id"] for b in await redis.lrange(f"fb:lane:{lane}", 0, -1)]
+    assert queued == ["message:m3", "message:m4"]
+    owner = await redis.get(f"fb:lanejob:{lane}")
+    assert owner is not None and await redis.zscore("fb:queue", owner) is not None
+    assert await redis.zcard("fb:queue") == 1
     await drain()
-    ids = sorted(r["id"] for r in await stream_rows(redis, "message"))
+    ids = [r["id"] for r in await stream_rows(redis, "message")]
     assert ids == ["message:m1", "message:m2", "message:m3", "message:m4"]
 
 
-async def test_a_job_starts_in_its_claim_and_ends_in_the_call_that_writes_its_outputs(
+async def test_a_lane_job_ends_in_the_call_that_empties_its_lane(
     post: Post, drain: Any, redis: Redis
 ) -> None:
-    """The claim reads the job and counts its try as arq's start transaction would, and the
-    effects call deletes the arq job and its queue entry atomically with the outputs: neither
-    of arq's per-job transactions is sent."""
+    """arq runs the lane's job with its own claim and end; the effects call that writes the last
+    events of the lane also deletes its owner, so nothing of the lane is left."""
     assert (await post(p.body(p.text_message(mid="end-1"), p.shortlink_referral()))).status == 200
-    jobs = await redis.zcard("fb:queue")
-    assert jobs == 2  # one job per kind
-    await redis.config_resetstat()
+    assert await redis.zcard("fb:queue") == 1  # one user: one lane, one job
     await drain()
     assert await redis.zcard("fb:queue") == 0
     assert [k async for k in redis.scan_iter("arq:*")] == []
-    stats = await redis.info("commandstats")
-    assert "cmdstat_exec" not in stats and "cmdstat_multi" not in stats
-    assert stats["cmdstat_evalsha"]["calls"] >= jobs + 1  # a claim, then one call per job
+    assert [k async for k in redis.scan_iter("fb:lane*")] == []
     assert len(await stream_rows(redis, "message")) == 1
     assert len(await stream_rows(redis, "referral")) == 1
-
-
-async def test_a_claim_reads_past_the_jobs_other_workers_are_running(redis: Redis) -> None:
-    """With many workers, the head of the queue holds every running job; a claim pages on
-    past them to the ready ones, and starts each (its body read, its try counted)."""
-    from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-
-    from workers import claiming
-
-    for n in range(300):
-        await redis.zadd("q-many", {f"j{n}": n})
-        await redis.set(job_key_prefix + f"j{n}", f"body{n}")
-    for n in range(250):  # running elsewhere
-        await redis.set(in_progress_key_prefix + f"j{n}", "1")
-    claim = redis.register_script(claiming.CLAIM_LUA)
-    claimed = await claim(args=[
-        "q-many", 10_000, 3, in_progress_key_prefix, 60_000, claiming.PAGE, job_key_prefix,
-        retry_key_prefix, claiming.RETRY_KEY_TTL_S, claiming.MOST])
-    assert claimed == [b"j250", b"250", b"body250", 1, b"j251", b"251", b"body251", 1,
-                       b"j252", b"252", b"body252", 1]
-    assert await redis.exists(in_progress_key_prefix + "j252") == 1
-    assert await redis.get(retry_key_prefix + "j250") == b"1"
-    assert 0 < await redis.ttl(retry_key_prefix + "j250") <= claiming.RETRY_KEY_TTL_S
 
 
 async def test_an_effects_call_is_sent_before_other_ready_tasks_run(
@@ -246,7 +221,7 @@ async def test_an_effects_call_is_sent_before_other_ready_tasks_run(
 
     from redis.asyncio.connection import Connection
 
-    from workers.effects import Effects
+    from workers.effects import Effects, Step
 
     order: list[str] = []
     send = Connection.send_packed_command
@@ -263,9 +238,13 @@ async def test_an_effects_call_is_sent_before_other_ready_tasks_run(
         order.append("other task")
 
     effects = Effects(redis, settings)
-    await effects.write([event(0)])  # the first call connects
+    await p.write(effects, redis, [event(0)])  # the first call connects
+    job = await redis.get("fb:lanejob:0")
+    assert job is None  # the lane emptied: its owner went with it
+    await redis.rpush("fb:lane:0", "message:at-once-1")
+    await redis.set("fb:lanejob:0", "test-job-0")
     monkeypatch.setattr(Connection, "send_packed_command", recorded)
-    write = asyncio.create_task(effects.write([event(1)]))
+    write = asyncio.create_task(effects.write([event(1)], Step(0, "test-job-0", 1)))
     await asyncio.gather(write, asyncio.create_task(other()))
     assert order[:2] == ["sent", "other task"]
     assert len(await stream_rows(redis, "message")) == 2

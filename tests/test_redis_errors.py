@@ -13,8 +13,9 @@ from shared import keys
 from shared.settings import Settings
 from tests import payloads as p
 from tests.conftest import Post, stream_rows
-from workers import deadletters, jobs
-from workers.effects import SKIPPED, WRITTEN, Effects, JobEnd
+from workers import deadletters
+from workers import lanes as jobs
+from workers.effects import WRITTEN, Effects, LaneLost, Step
 
 
 async def test_a_persistent_script_error_dead_letters_the_batch(
@@ -22,7 +23,7 @@ async def test_a_persistent_script_error_dead_letters_the_batch(
 ) -> None:
     calls = 0
 
-    async def broken(self: Effects, events: list[Any], end: Any = None) -> list[int]:
+    async def broken(self: Effects, events: list[Any], step: Any) -> Any:
         nonlocal calls
         calls += 1
         raise ResponseError("ERR user_script:1: Bad data format in input")
@@ -31,9 +32,9 @@ async def test_a_persistent_script_error_dead_letters_the_batch(
     monkeypatch.setattr(jobs, "backoff_s", lambda job_try: 0.0)
     assert (await post(p.body(p.text_message(mid="a"), p.text_message(mid="b")))).status == 200
     await drain()
-    # JOB_MAX_TRIES (3 in the test settings) tries, each a call for the batch, then one call
-    # per event so that an event Redis refuses fails alone.
-    assert calls == 3 * (1 + 2)
+    # JOB_MAX_TRIES (3 in the test settings) tries, the last burying the events the refused
+    # call held; one more finds the lane empty and releases it.
+    assert calls == 3 + 1
     dead = await deadletters.list_dead(redis)
     assert sorted(d.event_id for d in dead) == ["message:a", "message:b"]
     assert all("Bad data format" in d.error and d.tries == 3 for d in dead)
@@ -50,12 +51,12 @@ async def test_out_of_memory_is_retried_without_counting_as_a_failure(
     original = Effects.write
     calls = 0
 
-    async def full_then_fine(self: Effects, events: list[Any], end: Any = None) -> list[int]:
+    async def full_then_fine(self: Effects, events: list[Any], step: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls <= 4:  # more than JOB_MAX_TRIES
             raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
-        return await original(self, events, end)
+        return await original(self, events, step)
 
     monkeypatch.setattr(Effects, "write", full_then_fine)
     monkeypatch.setattr(jobs, "backoff_s", lambda job_try: 0.0)
@@ -70,96 +71,57 @@ async def test_out_of_memory_is_retried_without_counting_as_a_failure(
 async def test_a_write_failing_part_way_keeps_what_was_written_exactly_once(
     redis: Redis, settings: Settings
 ) -> None:
-    """A real script error in the middle of a batch: the events before it stay written and
-    marked (a second try does not write them again), their report counts are kept, and the
-    events after it are written once the cause is gone."""
+    """A real script error in the middle of a step: the events before it stay written and leave
+    the lane (a second try does not write them again), their report counts are kept, and the
+    event it failed on stays at the head, its try counted, until the cause is gone."""
     day = time.strftime("%Y-%m-%d", time.gmtime())
     now_ms = int(time.time() * 1000)
-    first = p.row("referral",
-        "h:ref-ok", "messaging", "PAGE", now_ms,
-        p.shortlink_referral("spring", sender="ana", ts=now_ms))
-    blocked = p.row("message",
-        "message:blocked", "messaging", "PAGE", now_ms, p.text_message(mid="blocked"))
+    first = p.row("referral", "h:ref-ok", "messaging", "PAGE", now_ms,
+                  p.shortlink_referral("spring", sender="ana", ts=now_ms))
+    blocked = p.row("message", "message:blocked", "messaging", "PAGE", now_ms,
+                    p.text_message(mid="blocked"))
     effects = Effects(redis, settings)
     await redis.set(keys.stream("message"), "not a stream")  # XADD now fails: WRONGTYPE
-    for _ in range(2):
-        with pytest.raises(ResponseError, match="WRONGTYPE"):
-            await effects.write([first, blocked])
+    outcome = await p.step(effects, redis, [first, blocked])
+    assert (outcome.codes, outcome.status, outcome.tries) == ([2], "retry", 1)
+    assert await redis.lrange("fb:lane:0", 0, -1) == [b"message:blocked"]
+    assert await redis.hget(keys.LANE_TRIES, "message:blocked") == b"1"
     assert len(await stream_rows(redis, "referral")) == 1
     assert await redis.xlen(keys.REFERRALS_STREAM) == 1
     assert await redis.hgetall(keys.report_day(day, "n")) == {b"new": b"1", b"touches": b"1"}
-    assert await redis.zrange(keys.report_day(day, "ref:new"), 0, -1) == [b"spring"]
 
     await redis.delete(keys.stream("message"))
-    assert await effects.write([first, blocked]) == [SKIPPED, WRITTEN]
+    await redis.delete("fb:lane:0")
+    outcome = await p.step(effects, redis, [blocked])  # the retry: the head event alone
+    assert (outcome.codes, outcome.status) == ([WRITTEN], "ended")
+    assert await redis.hlen(keys.LANE_TRIES) == 0
     assert len(await stream_rows(redis, "message")) == 1
     assert len(await stream_rows(redis, "referral")) == 1
     assert await redis.hgetall(keys.report_day(day, "n")) == {b"new": b"1", b"touches": b"1"}
+    assert await redis.exists("fb:lane:0", "fb:lanejob:0") == 0
     await effects.aclose()
 
 
-async def _claimed_job(redis: Redis, job_id: str, claims: int) -> None:
-    """An arq job as the claim leaves it: queued, in progress, its try counter at `claims`."""
-    from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-
-    await redis.zadd("fb:queue", {job_id: 1})
-    await redis.set(job_key_prefix + job_id, b"body")
-    await redis.set(in_progress_key_prefix + job_id, b"1")
-    await redis.set(retry_key_prefix + job_id, claims)
-
-
-async def test_a_first_run_that_fails_part_way_marks_what_it_wrote_for_the_next(
+async def test_a_run_that_no_longer_owns_its_lane_writes_nothing(
     redis: Redis, settings: Settings
 ) -> None:
-    """A job's first run writes no done marks (nothing ran before it, nothing runs after it);
-    when a write fails part way it runs again, so the events written before the failure are
-    marked then, and the second run skips them."""
+    """A run presumed dead (its lease expired while it was frozen) whose job was claimed again,
+    or whose lane was handed to another job, is fenced: its step writes nothing."""
     now_ms = int(time.time() * 1000)
-    first = p.row("referral",
-        "h:first-run", "messaging", "PAGE", now_ms,
-        p.shortlink_referral("spring", sender="bea", ts=now_ms))
-    blocked = p.row("message",
-        "message:blocked-1", "messaging", "PAGE", now_ms, p.text_message(mid="blocked-1"))
-    await redis.set(keys.seen(first.id), "q", ex=600)
-    await redis.set(keys.seen(blocked.id), "q", ex=600)
-    await _claimed_job(redis, "j-part", claims=1)
+    row = p.row("message", "message:late", "messaging", "PAGE", now_ms,
+                p.text_message(mid="late"))
     effects = Effects(redis, settings)
-    await redis.set(keys.stream("message"), "not a stream")
-    with pytest.raises(ResponseError, match="WRONGTYPE"):
-        await effects.write([first, blocked], JobEnd("j-part", "fb:queue", 1))
-    assert await redis.get(keys.seen(first.id)) == b"d"
-    assert await redis.get(keys.seen(blocked.id)) == b"q"
-    assert await redis.zcard("fb:queue") == 1, "the job is not ended"
-
-    await redis.delete(keys.stream("message"))
-    await _claimed_job(redis, "j-part", claims=2)
-    assert await effects.write([first, blocked], JobEnd("j-part", "fb:queue", 2)) == [
-        SKIPPED, WRITTEN]
-    assert len(await stream_rows(redis, "referral")) == 1
-    assert len(await stream_rows(redis, "message")) == 1
-    assert await redis.get(keys.seen(blocked.id)) == b"d"
-    assert await redis.zcard("fb:queue") == 0
-    await effects.aclose()
-
-
-async def test_a_first_run_reads_marks_when_another_worker_has_claimed_the_job(
-    redis: Redis, settings: Settings
-) -> None:
-    """Try 1 skips the marks only while the job's try counter says no other worker claimed it
-    (a worker frozen past its claim's TTL, say): otherwise it reads them like any run again."""
-    now_ms = int(time.time() * 1000)
-    done, new = (p.row("message",
-        f"message:{mid}", "messaging", "PAGE", now_ms, p.text_message(mid=mid))
-        for mid in ("done-elsewhere", "not-yet"))
-    await redis.set(keys.seen(done.id), "d", ex=600)
-    await redis.set(keys.seen(new.id), "q", ex=600)
-    effects = Effects(redis, settings)
-
-    await _claimed_job(redis, "j-fresh", claims=1)
-    assert await effects.write([new], JobEnd("j-fresh", "fb:queue", 1)) == [WRITTEN]
-    assert await redis.get(keys.seen(new.id)) == b"q", "a lone first run writes no mark"
-
-    await _claimed_job(redis, "j-twice", claims=2)
-    assert await effects.write([done], JobEnd("j-twice", "fb:queue", 1)) == [SKIPPED]
-    assert len(await stream_rows(redis, "message")) == 1
+    await p.step(effects, redis, [], job_try=2)  # the job was claimed a second time
+    await redis.rpush("fb:lane:0", row.id)
+    await redis.set("fb:lanejob:0", "test-job-0")
+    with pytest.raises(LaneLost):
+        await effects.write([row], Step(0, "test-job-0", 1))
+    await redis.set("fb:lanejob:0", "another-job")
+    with pytest.raises(LaneLost):
+        await effects.write([row], Step(0, "test-job-0", 2))
+    assert await stream_rows(redis) == []
+    assert await redis.lrange("fb:lane:0", 0, -1) == [row.id.encode()]
+    await redis.set("arq:retry:another-job", 1)  # the lane's owner, in its first run, writes
+    assert (await effects.write([row], Step(0, "another-job", 1))).codes == [WRITTEN]
+    assert [r["id"] for r in await stream_rows(redis)] == ["message:late"]
     await effects.aclose()

@@ -86,7 +86,7 @@ async def test_the_referrals_stream_is_capped_at_stream_maxlen(
         for n in range(1000)
     ]
     for start in range(0, 1000, 250):
-        await effects.write(events[start:start + 250])
+        await p.write(effects, redis, events[start:start + 250])
     length = await redis.xlen(keys.REFERRALS_STREAM)
     assert 100 <= length < 200  # MAXLEN ~ trims whole nodes: about the cap, never far above
     await effects.aclose()

@@ -24,7 +24,7 @@ from shared.report import SHOPS_PRODUCT, ReportRangeError, build_report, parse_r
 from shared.settings import Settings
 from tests import payloads as p
 from tests.conftest import API_TOKEN, Post
-from workers.effects import NEW_USER, RETURNING_USER, SKIPPED, Effects
+from workers.effects import NEW_USER, RETURNING_USER, Effects, LaneLost, Step
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 TODAY = dt.datetime.now(dt.UTC).date()
@@ -151,7 +151,7 @@ async def effects_write(effects: Effects, items: list[tuple[str, dict[str, Any]]
     """Write items as a worker would, one batch: (kind, item) pairs, ids from their position."""
     rows = [p.row(kind, f"h:{kind}:{item['sender']['id']}:{item['timestamp']}", "messaging",
                   "PAGE1", item["timestamp"], item) for kind, item in items]
-    return await effects.write(rows)
+    return await p.write(effects, effects.redis, rows)
 
 
 async def test_a_user_back_three_times_in_a_day_counts_once_and_two_users_count_two(
@@ -304,8 +304,11 @@ async def test_a_job_run_again_counts_a_touch_once(redis: Redis, settings: Setti
     item = referral("yann", at(D3), **AD)
     event = p.row("referral", "h:yann", "messaging", "PAGE1", at(D3), item)
     effects = Effects(redis, settings)
-    assert await effects.write([event]) == [NEW_USER]
-    assert await effects.write([event]) == [SKIPPED]
+    assert await p.write(effects, redis, [event]) == [NEW_USER]
+    # The job's run again (it was presumed dead) is fenced: the touch is not counted twice.
+    await redis.rpush("fb:lane:0", event.id)
+    with pytest.raises(LaneLost):
+        await effects.write([event], Step(0, "test-job-0", 1))
     report = await build_report(redis, D3, D3)
     assert report.totals.new == 1 and report.totals.returning == 0
     assert report.totals.touches == 1

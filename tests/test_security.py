@@ -65,8 +65,9 @@ async def test_queued_jobs_are_msgpack_not_pickle(post: Post, redis: Redis) -> N
         assert not raw.startswith(b"\x80"), "pickle protocol 2+ opcode"
         job = msgspec.msgpack.decode(raw)
         assert set(job) == {"t", "f", "a", "k", "et"}
-        assert job["f"] == "referral"
-        assert [json.loads(e)["raw"] for e in job["k"]["events"]] == [ITEM]
+        assert job["f"] == "lane"
+        queued = await redis.lrange(f"fb:lane:{job['k']['lane']}", 0, -1)
+        assert [json.loads(e)["raw"] for e in queued] == [ITEM], "events are JSON, never pickle"
 
 
 def test_the_job_deserializer_refuses_pickle(tmp_path: Path) -> None:

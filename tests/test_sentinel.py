@@ -290,3 +290,40 @@ async def test_a_killed_primary_loses_no_write_a_replica_confirmed(ha: Topology)
     assert out.lost == []
     assert out.first_on_new - out.named_at <= FOUND_WITHIN_S
     assert out.refused_s <= 5.0
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.slow
+def test_every_cli_command_reads_redis_through_the_sentinels_and_failover_moves_it(
+    ha: Topology,
+) -> None:
+    from tests.test_cli import fbhook_sync, full_env
+
+    with ha.primary().client() as c:
+        entry = c.xadd("fb:events:message", {"id": "m1", "event": "{}"}).decode()
+    env = full_env(ha.url)
+    old = ha.primary()
+    done = fbhook_sync("check-config", env=env)
+    assert done.code == 0, done
+    assert f"the sentinels name the primary 127.0.0.1:{old.port}" in done.out
+    for args, shows in [
+        (["events", "list"], f"fb:events:message           1  {entry}"),
+        (["events", "tail", "--from-start", "--count", "1", "message"], f'"entry_id": "{entry}"'),
+        (["attribution", "export"], ""),
+        (["dead-letters", "list"], "no dead letters"),
+        (["report"], "referral touches: 0"),
+    ]:
+        done = fbhook_sync(*args, env=env)
+        assert (done.code, shows in done.out) == (0, True), (args, str(done))
+        assert f"reading Redis {ha.url} (from REDIS_URL)" in done.err
+
+    done = fbhook_sync("failover", env=env)
+    assert done.code == 0, done
+    new = ha.primary()
+    assert new is not old
+    assert f"the sentinels name 127.0.0.1:{new.port}" in done.out
+    assert ha.role(old) == "slave"
+    done = fbhook_sync("events", "list", env=env)
+    assert f"fb:events:message           1  {entry}" in done.out, done

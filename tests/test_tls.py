@@ -19,7 +19,7 @@ from shared.settings import Settings
 from tests import payloads as p
 from tests.conftest import SECRET
 from tests.redis_server import free_port, server_binary
-from workers.claiming import ClaimingWorker
+from workers.leased_worker import LeasedWorker as Worker
 from workers.settings import worker_settings
 
 PASSWORD = "tls-test-password"
@@ -73,7 +73,7 @@ async def test_ingest_and_worker_use_rediss_with_a_password(
         "Content-Type": "application/json", "X-Hub-Signature-256": sign(SECRET, data)})
     assert response.status == 200
 
-    worker = ClaimingWorker(**worker_settings(tls), burst=True, handle_signals=False)
+    worker = Worker(**worker_settings(tls), burst=True, handle_signals=False)
     await worker.main()
     await worker.close()
 

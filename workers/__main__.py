@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         asyncio.set_event_loop(asyncio.new_event_loop())
     import workers.handlers  # noqa: F401 - registers the project's own handlers
-    from workers.claiming import ClaimingWorker as Worker
+    from workers.leased_worker import LeasedWorker as Worker
     from workers.settings import worker_settings
 
     log_handlers()

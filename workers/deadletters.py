@@ -9,11 +9,14 @@ import os
 import time
 from dataclasses import dataclass
 
+import msgspec
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.codec import JOB_TTL_MS, arq_job
-from shared.kinds import job_for
+from shared.codec import decode_event
+from shared.identity import sender_of
+from shared.jsontext import loads
+from shared.lanes import ENQUEUE_LUA, Queued, enqueue_args
 from shared.settings import Settings
 
 
@@ -46,23 +49,36 @@ async def list_dead(redis: Redis, count: int = 100, start: str = "-") -> list[De
 
 
 async def replay(redis: Redis, settings: Settings, entry_ids: list[str] | None = None) -> int:
-    """Queue dead events again (all, or the given entry ids) and remove them from the store;
-    their seen keys say 'q' (queued) again."""
+    """Queue dead events again (all, or the given entry ids), each at the end of its user's lane
+    (shared/enqueue.lua, with no dedupe check), and remove them from the store; their seen keys
+    say 'q' (queued) again. A dead whole job (kind `job`: bytes that were never events) stays."""
     letters = await list_dead(redis, count=1_000_000)
     if entry_ids is not None:
         wanted = set(entry_ids)
         letters = [letter for letter in letters if letter.entry_id in wanted]
-    now = int(time.time() * 1000)
+    script = redis.register_script(ENQUEUE_LUA)
+    replayed = 0
     for letter in letters:
-        job_id = "replay-" + os.urandom(8).hex()
-        body = arq_job(job_for(letter.kind), [letter.payload], now)
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.psetex(keys.ARQ_JOB_PREFIX + job_id, JOB_TTL_MS, body)
-            pipe.zadd(settings.queue_name, {job_id: now})
-            pipe.xdel(keys.DEAD_LETTERS, letter.entry_id)
-            pipe.set(keys.seen(letter.event_id), "q", ex=settings.dedupe_ttl_s)
-            await pipe.execute()
-    return len(letters)
+        event = _queued(letter)
+        if event is None:
+            continue
+        args = enqueue_args(settings, f"replay-{os.urandom(6).hex()}-", int(time.time() * 1000),
+                            [event], check=False)
+        await script(args=args)
+        await redis.xdel(keys.DEAD_LETTERS, letter.entry_id)
+        replayed += 1
+    return replayed
+
+
+def _queued(letter: DeadLetter) -> Queued | None:
+    """A dead letter as an event to queue in its user's lane; None if its payload is no event."""
+    try:
+        queued = decode_event(letter.payload)
+        found = sender_of(queued.object, queued.channel, loads(queued.raw))
+    except (msgspec.DecodeError, ValueError):
+        return None
+    user = None if found is None else found[1]
+    return Queued(letter.event_id, queued.object, queued.page_id, user, letter.payload.encode())
 
 
 async def purge(redis: Redis, entry_ids: list[str] | None = None) -> int:

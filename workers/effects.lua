@@ -1,35 +1,51 @@
--- The built-in outputs of a batch of processed events, exactly once in effect.
+-- One step of a lane's job (workers/lanes.py): the built-in outputs of the events at the head of
+-- the lane, their removal from it, and what the lane does next, in one atomic call.
 --
 -- ARGV[1] dedupe window (s)    ARGV[2] stream MAXLEN       ARGV[3] history cap
 -- ARGV[4] referrals stream     ARGV[5] report ad titles    ARGV[6] report retention (s)
 -- ARGV[7..10] key prefixes: seen, event stream, attribution, report day
 -- ARGV[11] the events, one MessagePack array of arrays (one argument instead of a dozen per
---          event: packing arguments was half a worker's time):
+--          event: packing arguments was half a worker's time), the lane's head in order:
 --   {id, kind, channel, page id, user, timestamp ms, event JSON, touch, touch JSON, day,
 --    ad title, object, sender, raw}
 --   where user is the key of the sender's attribution record (shared/identity.py), sender the
 --   id as sent, raw the item exactly as Facebook sent it, and touch a positional array
 --   (shared/attribution.py POSITIONS) or false.
--- ARGV[12] the job's try (arq's job_try; 0 when unknown)
--- ARGV[13..] optional: the arq job these events came from, finished here once every write is
---          made, as arq finishes it: its in-progress, retry and job keys, then the queue, the
---          abort set and the job id. Outputs and the job's end are one atomic step, and the
---          worker saves arq's separate round trip (each waits behind every queued Lua call).
+-- ARGV[12] the step, one MessagePack array (workers/effects.py Step):
+--   {lane key, owner key, job id, arq try key, job try, failed, mode, next job id, lane number,
+--    queue, now ms, max tries, tries key, dead-letter stream, arq job prefix, job TTL ms,
+--    backoffs: the wait in ms before try n + 1, by n}
+--   failed: false, or {id, kind, error} of the event right after the rows, which failed before
+--   it could be written; mode: 'more' (the job goes on while the lane has events) or 'handoff'
+--   (its time is up: a new job takes the lane over).
 --
--- Done marks. A job that runs again (after a crash, a retry, or a write that failed part way)
--- must skip the events an earlier run wrote: those carry 'd' (done) in their seen key, and are
--- skipped. A job's first run, ended by this call, needs neither: no run wrote before it (its try
--- counter, which every claim increments, still says 1, so no other worker has claimed it) and
--- none can run after it (the job is gone). That run, the usual case, reads and writes no marks
--- (a quarter of this script's time); every other run reads them and writes them, and a write
--- failing part way marks the events written before it.
--- Returns one code per event: 0 skipped, 1 written, 2 written with a touch for a new user,
--- 3 written with a touch for a returning user.
+-- Fencing: only the run that owns the lane writes. The lane's owner key names the job, and arq's
+-- try counter of that job names the run (every claim increments it): a run presumed dead (its
+-- lease expired while it was frozen) whose job was claimed again, or handed on, gets LANELOST
+-- and writes nothing. Exactly once in effect follows: an event leaves the lane in the call that
+-- writes its outputs, so no later run can write it again.
+--
+-- A write that fails part way (a key of the wrong type, say) keeps the events written before it,
+-- removes them from the lane, and counts the event it failed on as failed: the head event is
+-- retried (its tries are counted in the tries hash; the lane's next job is queued after the
+-- backoff of that try) and after `max tries` dead-lettered alone, with its payload,
+-- and the lane goes on. The lane's owner key is deleted in the call that leaves the lane empty,
+-- so ingest queues a new job for the next event (shared/enqueue.lua).
+--
+-- Returns {codes, status, tries}: one code per event written (1 written, 2 with a touch for a
+-- new user, 3 with a touch for a returning user), the status ('more', 'ended', 'handed',
+-- 'retry', each after 'dead' when an event was dead-lettered: 'dead more', ...) and the failed
+-- event's tries (0 if none).
 local window, maxlen, cap, referrals = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local ad_titles, retention = ARGV[5], tonumber(ARGV[6])
 local seen_prefix, stream_prefix, attr_prefix, day_prefix = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local ends = ARGV[13] ~= nil
-local marks = not (ends and ARGV[12] == '1' and redis.call('GET', ARGV[14]) == '1')
+local step = cmsgpack.unpack(ARGV[12])
+local lane, owner, job_id, try_key, job_try, failed, mode = step[1], step[2], step[3], step[4],
+  step[5], step[6], step[7]
+
+if redis.call('GET', owner) ~= job_id or redis.call('GET', try_key) ~= tostring(job_try) then
+  return redis.error_reply('LANELOST this run no longer owns ' .. lane)
+end
 
 -- Positions in a stored touch (1-based), filled in from shared/attribution.py POSITIONS by
 -- workers/effects.py when the script is loaded.
@@ -172,45 +188,25 @@ local function null(value)
   return value or cjson.null
 end
 
--- Where marks are kept, each event is marked done as soon as its writes are made. The mark
--- overwrites the one-letter state ingest set ('q', or 'x' for a replayed dead event) in place and
--- keeps its dedupe window; only a state gone missing is set anew with the window.
-local function mark(seen, state)
-  if state then
-    redis.call('SETRANGE', seen, 0, 'd')
-  else
-    redis.call('SET', seen, 'd', 'EX', window)
-  end
-end
-
 local out, events, written = {}, cmsgpack.unpack(ARGV[11]), 0
 local function write_all()
   for n, e in ipairs(events) do
     local id, kind, user, touch = e[1], e[2], e[5], e[8]
-    local seen = seen_prefix .. id
-    local state = marks and redis.call('GET', seen)
-    if state == 'd' then
-      out[n] = 0
-    else
-      redis.call('XADD', stream_prefix .. kind, 'MAXLEN', '~', maxlen, '*',
-        'id', id, 'kind', kind, 'channel', e[3], 'object', e[12], 'page_id', e[4],
-        'sender', e[13], 'user', user, 'timestamp', e[6], 'event', e[7], 'raw', e[14])
-      out[n] = 1
-      if touch then
-        local count, last = add_touch(attr_prefix .. user, touch)
-        out[n] = count > 1 and 3 or 2
-        count_touch(day_prefix .. e[10], touch, count, e[11], attr_prefix .. user)
-        local vars = cjson.encode({
-          _fbRefSource = null(last[SOURCE]), _fbRefParam = null(last[REF]),
-          _fbRefAdId = null(last[AD]),
-        })
-        redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
-          'user', user, 'object', e[12], 'returning', count > 1 and '1' or '0', 'touches', count,
-          'touch', e[9], 'vars', vars)
-      end
-      if marks then
-        mark(seen, state)
-      end
+    redis.call('XADD', stream_prefix .. kind, 'MAXLEN', '~', maxlen, '*',
+      'id', id, 'kind', kind, 'channel', e[3], 'object', e[12], 'page_id', e[4],
+      'sender', e[13], 'user', user, 'timestamp', e[6], 'event', e[7], 'raw', e[14])
+    out[n] = 1
+    if touch then
+      local count, last = add_touch(attr_prefix .. user, touch)
+      out[n] = count > 1 and 3 or 2
+      count_touch(day_prefix .. e[10], touch, count, e[11], attr_prefix .. user)
+      local vars = cjson.encode({
+        _fbRefSource = null(last[SOURCE]), _fbRefParam = null(last[REF]),
+        _fbRefAdId = null(last[AD]),
+      })
+      redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
+        'user', user, 'object', e[12], 'returning', count > 1 and '1' or '0', 'touches', count,
+        'touch', e[9], 'vars', vars)
     end
     written = n
   end
@@ -218,22 +214,50 @@ end
 
 -- The report counters of the events written are added even when a write fails part way.
 local ok, err = pcall(write_all)
-if not ok and not marks then
-  -- The job runs again: the events written before the failure must be skipped then.
-  for n = 1, written do
-    if out[n] > 0 then
-      local seen = seen_prefix .. events[n][1]
-      mark(seen, redis.call('GET', seen))
-    end
-  end
-end
 write_counts()
+local tries_key = step[13]
+if written > 0 then
+  redis.call('LTRIM', lane, written, -1)
+  redis.call('HDEL', tries_key, events[1][1])  -- only a lane's head event is ever retried
+end
 if not ok then
-  error(err)
+  local e = events[written + 1]
+  failed = {e[1], e[2], type(err) == 'table' and err.err or tostring(err)}
 end
-if ends then
-  redis.call('DEL', ARGV[13], ARGV[14], ARGV[15])
-  redis.call('ZREM', ARGV[16], ARGV[18])
-  redis.call('ZREM', ARGV[17], ARGV[18])
+
+local status, tries = '', 0
+local next_id, queue, now = step[8], step[10], tonumber(step[11])
+
+-- The lane's next job, in arq's layout (shared/codec.py lane_job), due at `at`.
+local function queue_next(at)
+  redis.call('SET', owner, next_id)
+  redis.call('PSETEX', step[15] .. next_id, step[16],
+    cmsgpack.pack({t = 1, f = 'lane', a = {}, k = {lane = step[9]}, et = now}))
+  redis.call('ZADD', queue, at, next_id)
 end
-return out
+
+if failed then
+  tries = redis.call('HINCRBY', tries_key, failed[1], 1)
+  if tries < tonumber(step[12]) then
+    local backoffs = step[17]
+    queue_next(now + (backoffs[tries] or backoffs[#backoffs]))
+    return {out, 'retry', tries}
+  end
+  redis.call('XADD', step[14], '*', 'id', failed[1], 'kind', failed[2],
+    'error', string.sub(failed[3], 1, 2000), 'tries', tries, 'failed_at', now,
+    'payload', redis.call('LINDEX', lane, 0) or '')
+  redis.call('SET', seen_prefix .. failed[1], 'x', 'EX', window)
+  redis.call('HDEL', tries_key, failed[1])
+  redis.call('LPOP', lane)
+  status = 'dead '
+end
+
+if redis.call('LLEN', lane) == 0 then
+  redis.call('DEL', owner)
+  return {out, status .. 'ended', tries}
+end
+if mode == 'handoff' then
+  queue_next(now)
+  return {out, status .. 'handed', tries}
+end
+return {out, status .. 'more', tries}

@@ -1,17 +1,22 @@
-"""Writes the built-in outputs of processed events in one atomic Lua call per job."""
+"""Writes the built-in outputs of a lane's head events, and the lane's next step, in one atomic
+Lua call (workers/effects.lua)."""
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple
 
 import msgspec
-from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.constants import job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared import keys
 from shared.attribution import POSITIONS, Touch, pack_touch, touch_dict
-from shared.codec import QueuedEvent
+from shared.codec import JOB_TTL_MS, QueuedEvent
 from shared.events import Event
 from shared.pinned import Pinned
 from shared.report import RETENTION_DAYS, day_of
@@ -31,7 +36,11 @@ def _load_script() -> str:
 
 EFFECTS_LUA = _load_script()
 
-SKIPPED, WRITTEN, NEW_USER, RETURNING_USER = 0, 1, 2, 3
+WRITTEN, NEW_USER, RETURNING_USER = 1, 2, 3
+
+
+class LaneLost(Exception):
+    """This run no longer owns its lane (it was presumed dead and the lane was taken over)."""
 
 _json = msgspec.json.Encoder().encode
 _pack = msgspec.msgpack.Encoder().encode
@@ -60,24 +69,45 @@ class Row(NamedTuple):
         return str(self.values[0])
 
 
-class JobEnd:
-    """The run of an arq job whose events these are: its try, and the keys arq deletes when the
-    job finishes (`Worker.finish_job` with no result kept)."""
+class Failed(NamedTuple):
+    """The event right after a step's rows, which failed before it could be written."""
 
-    __slots__ = ("args", "job_id")
+    id: str
+    kind: str
+    error: str
 
-    def __init__(self, job_id: str, queue_name: str, job_try: int) -> None:
-        self.job_id = job_id
-        self.args = (job_try, in_progress_key_prefix + job_id, retry_key_prefix + job_id,
-                     job_key_prefix + job_id, queue_name, abort_jobs_ss, job_id)
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of a lane's run: which run it is (the fence), what failed, what comes next."""
+
+    lane: int
+    job_id: str
+    job_try: int
+    failed: Failed | None = None
+    handoff: bool = False
+    """True when the run's time is up: a new job takes the lane over if it still has events."""
+    backoffs_ms: tuple[int, ...] = ()
+    """How long the lane waits before try n + 1 of a failed head event, by n (from 1)."""
+
+
+class Outcome(NamedTuple):
+    codes: list[int]
+    """One per row written: WRITTEN, NEW_USER or RETURNING_USER."""
+    status: str
+    """`more`, `ended`, `handed` or `retry`; `dead` first when an event was dead-lettered."""
+    tries: int
+    """The failed event's tries so far (0 when none failed)."""
 
 
 class Effects:
     """Stream entries, attribution touches and referral notifications, exactly once in effect."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
         self._script = redis.register_script(EFFECTS_LUA)
         self._clients = Pinned(redis)
+        self._queue, self._max_tries = settings.queue_name, settings.job_max_tries
         self._header = (
             settings.dedupe_ttl_s, settings.stream_maxlen, settings.history_cap,
             keys.REFERRALS_STREAM, keys.REPORT_ADS, RETENTION_DAYS * 86400,
@@ -97,24 +127,38 @@ class Effects:
         return Row((*head, pack_touch(touch), _text(touch_dict(touch)), day_of(touch.timestamp),
                     _ad_title(touch), *tail), touch.source)
 
-    async def write(self, rows: list[Row], end: JobEnd | None = None) -> list[int]:
-        """One code per row: SKIPPED (already done), WRITTEN, NEW_USER or RETURNING_USER.
-        With `end`, the arq job is ended in the same atomic call (and on its lone first run no
-        done marks are read or written: see workers/effects.lua)."""
-        if not rows and end is None:
-            return []
-        tail = end.args if end is not None else (0,)
+    async def write(self, rows: list[Row], step: Step) -> Outcome:
+        """Write the rows (the lane's head, in order), take them off the lane and decide the
+        lane's next step, in one atomic call fenced to the run that owns the lane. Raises
+        LaneLost when that run no longer owns it."""
+        next_id = f"{step.job_id.partition('~')[0]}~{os.urandom(4).hex()}"
+        args = [
+            keys.lane(step.lane), keys.lane_job(step.lane), step.job_id,
+            retry_key_prefix + step.job_id, step.job_try,
+            list(step.failed) if step.failed is not None else False,
+            "handoff" if step.handoff else "more", next_id, step.lane, self._queue,
+            int(time.time() * 1000),
+            self._max_tries, keys.LANE_TRIES, keys.DEAD_LETTERS, job_key_prefix, JOB_TTL_MS,
+            list(step.backoffs_ms) or [0],
+        ]
         client = self._clients.take()
         try:
             reply = await self._script(
-                args=[*self._header, _pack([r.values for r in rows]), *tail], client=client)
+                args=[*self._header, _pack([r.values for r in rows]), _pack(args)],
+                client=client)
+        except ResponseError as exc:
+            if str(exc).startswith("LANELOST"):
+                raise LaneLost(str(exc)) from None
+            raise
         finally:
             self._clients.give(client)
-        codes = [int(c) for c in reply]
-        for code, row in zip(codes, rows, strict=True):
+        codes = [int(c) for c in reply[0]]
+        for code, row in zip(codes, rows, strict=False):
+            metrics.count_processed(row.values[1])
             if code >= NEW_USER:
                 metrics.count_touch(row.source, code == RETURNING_USER)
-        return codes
+        status = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        return Outcome(codes, status, int(reply[2]))
 
     async def aclose(self) -> None:
         await self._clients.aclose()

@@ -18,13 +18,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.kinds import JOBS
+from shared.kinds import KINDS
 
 log = logging.getLogger("fbhook.worker")
 
-OUTCOMES: Final = ("ok", "retry", "dead_letter", "error")
-"""A job's outcome: all done, retried later (a handler or Redis failed), done with some events
-dead-lettered, or stopped by anything else (a timeout, a shutdown)."""
+OUTCOMES: Final = ("ok", "retry", "dead_letter", "lost", "error")
+"""A lane job's outcome: its events done (the lane emptied or handed on), its head event to be
+retried later (a handler or Redis failed), done with an event dead-lettered, the lane taken over
+by another run (this one was presumed dead), or stopped by anything else (a shutdown)."""
 
 SOURCES: Final = (
     "ADS", "SHORTLINK", "MESSENGER_CODE", "DISCOVER_TAB", "CUSTOMER_CHAT_PLUGIN", "none", "other",
@@ -35,18 +36,13 @@ source, `other` for anything else (the label set stays bounded whatever arrives)
 REFRESH_SECONDS: Final = 5.0
 
 JOB_SECONDS = Histogram(
-    "fbhook_job_duration_seconds", "Time to run one job (a batch of events of one kind).",
-    ["kind"],
+    "fbhook_job_duration_seconds", "Time to run one lane job (it drains its lane's events).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
-JOBS_RUN = Counter("fbhook_jobs", "Jobs run, by kind and outcome.", ["kind", "outcome"])
+JOBS_RUN = Counter("fbhook_jobs", "Lane jobs run, by outcome.", ["outcome"])
 PROCESSED = Counter(
     "fbhook_events_processed",
     "Events written to their stream (and attribution) by a job, by kind.", ["kind"],
-)
-ALREADY_DONE = Counter(
-    "fbhook_events_already_done",
-    "Events a job skipped because an earlier run had written them, by kind.", ["kind"],
 )
 DEAD = Counter(
     "fbhook_dead_letters", "Events this worker dead-lettered into fb:dead, by kind.", ["kind"],
@@ -63,10 +59,10 @@ QUEUE_AGE = Gauge(
 )
 DEAD_STORED = Gauge("fbhook_dead_letters_stored", "Entries in the dead-letter stream fb:dead.")
 
-JOB_SECONDS_BY_KIND: Final = {kind: JOB_SECONDS.labels(kind) for kind in JOBS}
-JOBS_BY_OUTCOME: Final = {(k, o): JOBS_RUN.labels(k, o) for k in JOBS for o in OUTCOMES}
-PROCESSED_BY_KIND: Final = {kind: PROCESSED.labels(kind) for kind in JOBS}
-ALREADY_DONE_BY_KIND: Final = {kind: ALREADY_DONE.labels(kind) for kind in JOBS}
+JOBS_BY_OUTCOME: Final = {outcome: JOBS_RUN.labels(outcome) for outcome in OUTCOMES}
+PROCESSED_BY_KIND: Final = {kind: PROCESSED.labels(kind) for kind in KINDS}
+MAX_CHANGE_KINDS: Final = 200
+"""Change kinds come from the bodies' `field` names: past this many, more count as `other`."""
 TOUCHES_BY_SOURCE: Final = {
     (source, returning): TOUCHES.labels(source, "returning" if returning else "new")
     for source in SOURCES for returning in (False, True)
@@ -80,6 +76,15 @@ def source_label(source: str | None) -> str:
     if source is None:
         return "none"
     return source if source in _KNOWN_SOURCES else "other"
+
+
+def count_processed(kind: str, n: int = 1) -> None:
+    child = PROCESSED_BY_KIND.get(kind)
+    if child is None:
+        if len(PROCESSED_BY_KIND) >= len(KINDS) + MAX_CHANGE_KINDS:
+            kind = "other"
+        child = PROCESSED_BY_KIND[kind] = PROCESSED.labels(kind)
+    child.inc(n)
 
 
 def count_touch(source: str | None, returning: bool) -> None:

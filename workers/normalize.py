@@ -13,7 +13,7 @@ from typing import Any
 
 from shared import events as ev
 from shared.codec import QueuedEvent
-from shared.identity import as_id, space_of, user_key
+from shared.identity import as_id, sender_of
 from shared.kinds import event_key
 from shared.timestamps import to_millis
 
@@ -224,27 +224,15 @@ def _change(base: dict[str, Any], change: dict[str, Any]) -> ev.Event:
     return ev.Change(**base, field=s(change.get("field")), value=change.get("value"))
 
 
-def change_sender(change: dict[str, Any]) -> str | None:
-    """Who a change is about: `value.user.id` (inbox labels), else `value.from.id` (comments)."""
-    value = d(change.get("value"))
-    return s(d(value.get("user")).get("id")) or s(d(value.get("from")).get("id"))
-
-
 def normalize(queued: QueuedEvent, item: Any, kind: str | None = None) -> ev.Event:
     """The normalised event of one queued item (`item`: its decoded JSON), of `kind` (by default
     the kind ingest gave it). Unknown kinds keep the decoded item in `raw`."""
     kind = queued.kind if kind is None else kind
     body = item if isinstance(item, dict) else {}
     change = queued.channel == "changes"
-    if change:
-        sender: str | None = change_sender(body)
-        user = None if sender is None else user_key(
-            "igsid" if queued.object == "instagram" else "psid", sender)
-        stamp = None
-    else:
-        found = space_of(queued.object, body.get("sender"))
-        sender, user = (None, None) if found is None else (found[1], user_key(*found))
-        stamp = to_millis(body.get("timestamp"))
+    found = sender_of(queued.object, queued.channel, body)
+    sender, user = (None, None) if found is None else found
+    stamp = None if change else to_millis(body.get("timestamp"))
     base: dict[str, Any] = {
         "kind": kind,
         "id": queued.id,

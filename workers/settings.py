@@ -15,12 +15,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
-from shared.codec import UNREADABLE_JOB, job_deserializer, job_serializer
-from shared.kinds import JOBS
+from shared.codec import LANE_JOB, UNREADABLE_JOB, job_deserializer, job_serializer
 from shared.settings import Settings
 from workers import metrics
 from workers.effects import Effects
-from workers.jobs import Runtime, make_job, unreadable_job
+from workers.lanes import Runtime, lane_job, unreadable_job
+from workers.repair import repair_forever
 
 CRASH_TRIES = 1000
 """arq gives up on a job after this many starts; handler failures are dead-lettered long before
@@ -62,22 +62,25 @@ def redis_settings(settings: Settings) -> RedisSettings:
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for `arq.worker.Worker`: one function per kind, msgpack, no results."""
+    """Keyword arguments for `LeasedWorker` (arq's Worker): the lane job function, msgpack, no
+    results, a claim as long as the lease."""
 
     async def startup(ctx: dict[str, Any]) -> None:
         ctx["fbhook"] = Runtime(settings=settings, effects=Effects(ctx["redis"], settings))
         ctx["fbhook_gauges"] = asyncio.create_task(
             metrics.refresh_forever(ctx["redis"], settings.queue_name))
+        ctx["fbhook_repair"] = asyncio.create_task(repair_forever(ctx["redis"], settings))
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await metrics.stop(ctx.pop("fbhook_gauges", None))
+        await metrics.stop(ctx.pop("fbhook_repair", None))
         runtime: Runtime | None = ctx.get("fbhook")
         if runtime is not None:
             await runtime.effects.aclose()
 
     return {
         "functions": [
-            *(func(cast(Any, make_job(job)), name=job, max_tries=CRASH_TRIES) for job in JOBS),
+            func(cast(Any, lane_job), name=LANE_JOB, max_tries=CRASH_TRIES),
             func(cast(Any, unreadable_job), name=UNREADABLE_JOB, max_tries=CRASH_TRIES),
         ],
         "redis_settings": redis_settings(settings),
@@ -94,4 +97,5 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
         "health_check_key": health_check_key(settings),
         "job_completion_wait": settings.job_timeout_s,
+        "lease_s": settings.worker_lease_s,
     }

@@ -1,0 +1,43 @@
+-- Queue a batch of events in their users' lanes, atomically with the duplicate check.
+--
+-- ARGV[1] seen-key prefix    ARGV[2] dedupe window (s)   ARGV[3] lane key prefix
+-- ARGV[4] lane-job key prefix ARGV[5] arq job-key prefix  ARGV[6] arq queue key
+-- ARGV[7] job-id prefix       ARGV[8] now (ms)            ARGV[9] job key TTL (ms)
+-- ARGV[10] '1': skip an event whose id was seen within the window; '0': queue every event
+--          (a dead letter replayed) and mark it queued
+-- ARGV[11] the lanes, one MessagePack array of {lane number, {event id, ...}}
+-- ARGV[12..] the events' JSON, lane by lane, in the order of their ids in ARGV[11]
+--
+-- New events are appended to their lane's list in the order given. A lane that no job owns
+-- gets one (arq's layout: {t, f = 'lane', a = {}, k = {lane = n}, et}), recorded as the lane's
+-- owner; a lane that has one leaves it to drain the new events too (workers/lanes.py ends a
+-- job only when its lane is empty, in the call that empties it). Returns the number of new
+-- events.
+local seen, window, lane_prefix, owner_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local job_prefix, queue, id_prefix = ARGV[5], ARGV[6], ARGV[7]
+local now, job_ttl, check = tonumber(ARGV[8]), ARGV[9], ARGV[10] == '1'
+
+local arg, new = 12, 0
+for _, lane in ipairs(cmsgpack.unpack(ARGV[11])) do
+  local n, fresh = lane[1], {}
+  for _, id in ipairs(lane[2]) do
+    if not check then
+      redis.call('SET', seen .. id, 'q', 'EX', window)
+      fresh[#fresh + 1] = ARGV[arg]
+    elseif redis.call('SET', seen .. id, 'q', 'EX', window, 'NX') then
+      fresh[#fresh + 1] = ARGV[arg]
+    end
+    arg = arg + 1
+  end
+  if #fresh > 0 then
+    new = new + #fresh
+    redis.call('RPUSH', lane_prefix .. n, unpack(fresh))
+    local job_id = id_prefix .. n
+    if redis.call('SET', owner_prefix .. n, job_id, 'NX') then
+      redis.call('PSETEX', job_prefix .. job_id, job_ttl,
+        cmsgpack.pack({t = 1, f = 'lane', a = {}, k = {lane = n}, et = now}))
+      redis.call('ZADD', queue, now, job_id)
+    end
+  end
+end
+return new
