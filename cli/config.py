@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 from typing import Any
 
 from redis.asyncio import Redis
 
+from shared.redis import connect
 from shared.settings import Settings, redact_url
 
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         print("\nredis: not tried, REDIS_URL is not valid")
     else:
         timeout = args.timeout or settings.redis_timeout_s
-        redis_ok = asyncio.run(_check_redis(settings.redis_url, timeout))
+        redis_ok = asyncio.run(_check_redis(settings, timeout))
     if problems or not redis_ok:
         print("\ncheck-config: FAILED")
         return 1
@@ -53,10 +55,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _check_redis(url: str, timeout_s: float) -> bool:
-    where = redact_url(url)
-    client: Redis = Redis.from_url(url, socket_timeout=timeout_s,
-                                   socket_connect_timeout=timeout_s)
+async def _check_redis(settings: Settings, timeout_s: float) -> bool:
+    where = redact_url(settings.redis_url)
+    client = connect(dataclasses.replace(settings, redis_timeout_s=timeout_s))
     try:
         try:
             async with asyncio.timeout(timeout_s + 0.5):
@@ -68,6 +69,9 @@ async def _check_redis(url: str, timeout_s: float) -> bool:
             return False
         version = info.get("valkey_version") or info.get("redis_version", "?")
         print(f"\nredis: {where} answers PING (server version {version})")
+        primary = getattr(client.connection_pool, "master_address", None)
+        if primary is not None:
+            print(f"  the sentinels name the primary {primary[0]}:{primary[1]}")
         policy = await _maxmemory_policy(client)
         if policy not in {None, "noeviction"}:
             print(f"  warning: maxmemory-policy is {policy}: Redis may evict queued jobs and "

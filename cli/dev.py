@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import shlex
@@ -16,13 +17,14 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-import redis as redis_sync
+from redis.exceptions import RedisError
 
 from cli import devstate
 from cli.common import CommandFailed, positive_int
 from cli.embedded import embedded_redis
 from cli.payloads import PSID_BASE, SCENARIOS
 from cli.procs import Children
+from shared.redis import connect
 from shared.settings import Settings, environ_with_defaults, redact_url
 
 DEV_DEFAULTS: dict[str, str] = {
@@ -179,17 +181,19 @@ def _base_url(settings: Settings) -> str:
 
 
 def _check_redis(settings: Settings) -> None:
-    client = redis_sync.Redis.from_url(
-        settings.redis_url, socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-    )
     try:
-        client.ping()
-    except redis_sync.RedisError as exc:
+        asyncio.run(_ping(settings))
+    except (RedisError, OSError) as exc:
         raise CommandFailed(f"Redis at {redact_url(settings.redis_url)} does not answer: {exc}"
                             ) from None
+
+
+async def _ping(settings: Settings) -> None:
+    client = connect(settings)
+    try:
+        await client.ping()
     finally:
-        client.close()
+        await client.aclose()
 
 
 def _check_port_free(settings: Settings) -> None:

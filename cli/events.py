@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from cli.common import add_redis_option, positive_int, say_if_empty, tool_settings
 from shared import keys
 from shared.kinds import KINDS
+from shared.redis import connect
 from shared.settings import Settings
 
 
@@ -62,10 +63,7 @@ async def tail(settings: Settings, kinds: list[str], *, from_start: bool = False
                count: int | None = None, block_ms: int = 5000) -> int:
     """Print entries of the kinds' streams as JSON lines; return how many were printed."""
     # A blocking read must outlast its BLOCK time: this client's socket timeout allows for it.
-    redis: Redis = Redis.from_url(
-        settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
-        socket_timeout=settings.redis_timeout_s + block_ms / 1000,
-    )
+    redis = connect(settings, read_timeout_s=settings.redis_timeout_s + block_ms / 1000)
     printed = 0
     try:
         await say_if_empty(redis)
@@ -118,8 +116,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 async def _list(settings: Settings) -> list[tuple[str, int, str]]:
-    redis: Redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
-                                  socket_connect_timeout=settings.redis_timeout_s)
+    redis = connect(settings)
     try:
         await say_if_empty(redis)
         names = sorted([k.decode() async for k in redis.scan_iter(

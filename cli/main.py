@@ -9,7 +9,17 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
-from cli import attribution, config, deadletters, dev, events, report, services, simulate
+from cli import (
+    attribution,
+    config,
+    deadletters,
+    dev,
+    events,
+    failover,
+    report,
+    services,
+    simulate,
+)
 from cli.common import CommandFailed
 from shared.errors import ConfigError
 
@@ -37,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_parser(sub)
     deadletters.add_parser(sub)
     report.add_parser(sub)
+    failover.add_parser(sub)
     return parser
 
 
