@@ -29,6 +29,9 @@ def main() -> int:
                         help="a setting for the ingest and the workers (repeatable)")
     parser.add_argument("--handler", action="store_true",
                         help="workers run a CPU-bound handler per event (bench.handler_worker)")
+    parser.add_argument("--ordered", action="store_true",
+                        help="also the ordered case: 2,000 users, mixed kinds, two workers, "
+                             "and every user's order checked")
     args = parser.parse_args()
     plan = dataclasses.replace(QUICK, events=args.events)
     secret = os.urandom(16).hex()
@@ -51,6 +54,12 @@ def main() -> int:
                     print(f"{count} worker(s): {point['events_per_s']:>9,.0f} events/s  "
                           f"CPU % {point['cpu_pct']}  CPU us/event "
                           f"{point['cpu_us_per_event']}  outputs ok: {point['outputs_ok']}",
+                          flush=True)
+                if args.ordered:
+                    point = bench.project_ordered(2)
+                    print(f"ordered, 2 workers, {point['users']:,} users: "
+                          f"{point['events_per_s']:>9,.0f} events/s  per-user order violations "
+                          f"{point['order_violations']}  outputs ok: {point['outputs_ok']}",
                           flush=True)
         finally:
             bench.procs.stop_all()

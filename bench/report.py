@@ -94,6 +94,7 @@ def table(r: dict[str, Any]) -> str:
     jb, cb, pb = best(j["sweep"]), best(c["sweep"]), best(p["sweep"])
     j50, p50 = best(j["batch"], "events_per_s"), best(p["batch"], "events_per_s")
     live, drain, attr = j["live"], j["drain"], j["attribution"]
+    ordered = j["drain_ordered"]
     handler = j["drain_handler"]
     cores = r["meta"]["cpus"]
     idle = cores * 100 - drain["1"]["cpu_pct"]["machine"]
@@ -139,6 +140,11 @@ def table(r: dict[str, Any]) -> str:
          f"1 worker {n(drain['1']['events_per_s'])}",
          x(ratio(drain["2"]["events_per_s"], drain["1"]["events_per_s"])), ">= 1.5x one worker",
          t["backlog 2 workers vs 1"].verdict),
+        (f"Backlog drain, ordered case: {n(ordered['users'])} users, mixed kinds, 2 workers, "
+         "events/s", n(ordered["events_per_s"]),
+         f"per-user order violations {n(ordered['order_violations'])}",
+         x(ratio(ordered["events_per_s"], drain["2"]["events_per_s"])), "0 violations",
+         "PASS" if ordered["order_violations"] == 0 and ordered["outputs_ok"] else "FAIL"),
         ("Backlog drain, CPU the 1-worker run left idle: most 2 workers could add",
          f"{idle:.0f}% of {cores}00% idle",
          f"1 worker + Redis {drain['1']['cpu_pct']['machine']:.0f}%",

@@ -81,6 +81,7 @@ class Bench:
         self.redis_pid = redis_pid
         self.work = work
         self.factory = Factory(secret)
+        self.secret = secret
         (work / "logs").mkdir(parents=True, exist_ok=True)
         self.procs = Procs(work / "logs", env)
         self.rss_kb: dict[str, int] = {}
@@ -347,6 +348,49 @@ class Bench:
                      bytes_per_queued_event=round(per_event, 1))
         return point
 
+    def project_ordered(self, count: int = 2, users: int = 2_000) -> Point:
+        """The ordered case: a backlog of mixed kinds from `users` users (many events each, the
+        same user's in many requests) drained by `count` workers; then every user's stream
+        entries are checked against the order the user made them (their timestamps)."""
+        self.flush()
+        workers = self.workers(count)
+        for w in workers:
+            w.pause()
+        plan = self.plan
+        factory = Factory(self.secret, users=users)
+        pool = self.pool(factory.mixed(plan.events // plan.batch, plan.batch))
+        names = [keys.stream(kind) for kind in pool.kinds]
+        res = start_closed(self.ports["project"], pool, plan.e2e_conns, E2E_TIMEOUT_S).wait()
+        meter = self.meter(workers)
+        meter.start()
+        t0 = time.perf_counter()
+        for w in workers:
+            w.resume()
+        t_end = self.until(lambda: self.xlen(names) >= pool.events)
+        meter.stop()
+        self.stop(*workers)
+        pool.path.unlink()
+        point = self.e2e_point(f"ordered backlog, {count} worker(s), {users:,} users", pool.events,
+                               t_end - t0, meter, res)
+        point.update(self.outputs(pool), users=users, order_violations=self.order_violations())
+        return point
+
+    def order_violations(self) -> int:
+        """Users' events whose stream entry comes before that of an event the same user made
+        earlier: entry ids compared by their milliseconds across streams (each stream numbers
+        its entries within one), the users' own timestamps giving the order they were made."""
+        by_user: dict[str, list[tuple[int, int]]] = {}
+        for name in self.redis.scan_iter(keys.STREAM_PREFIX + "*"):
+            for entry_id, fields in self.redis.xrange(name):
+                ms = int(entry_id.decode().partition("-")[0])
+                by_user.setdefault(fields[b"sender"].decode(), []).append(
+                    (int(fields[b"timestamp"]), ms))
+        violations = 0
+        for entries in by_user.values():
+            entries.sort()
+            violations += sum(1 for a, b in itertools.pairwise(entries) if b[1] < a[1])
+        return violations
+
     def outputs(self, pool: Pool) -> dict[str, Any]:
         """Checks that every event landed exactly once and that referrals were attributed."""
         names = sorted(k.decode() for k in self.redis.scan_iter(keys.STREAM_PREFIX + "*"))
@@ -411,6 +455,7 @@ class Bench:
         live: dict[int, list[Point]] = {1: [], 2: []}
         drain: dict[int, list[Point]] = {1: [], 2: []}
         handler: dict[int, list[Point]] = {1: [], 2: []}
+        ordered: list[Point] = []
         for r in range(plan.rounds):
             self.log(f"project end to end, round {r + 1}/{plan.rounds}")
             for count in (1, 2):
@@ -419,10 +464,12 @@ class Bench:
                 drain[count].append(self.project_drain(count))
             for count in (1, 2):
                 handler[count].append(self.project_drain(count, "bench.handler_worker"))
+            ordered.append(self.project_ordered(2))
         out["live"] = {str(c): keep_best(p, "events_per_s") for c, p in live.items()}
         out["drain"] = {str(c): keep_best(p, "events_per_s") for c, p in drain.items()}
         out["drain_handler"] = {str(c): keep_best(p, "events_per_s")
                                 for c, p in handler.items()}
+        out["drain_ordered"] = keep_best(ordered, "events_per_s")
         self.log("project: Redis memory per attributed user")
         out["attribution"] = {str(n): self.attribution(n) for n in (1, 3)}
         self.stop(self.servers.pop("project"))
