@@ -24,6 +24,7 @@ from ingest.envelope import Routed
 from shared.errors import QueueUnavailable
 from shared.lanes import ENQUEUE_LUA, enqueue_args
 from shared.pinned import Pinned
+from shared.redis import wait_replicas
 from shared.settings import Settings
 
 IN_FLIGHT = 2
@@ -96,6 +97,9 @@ class Enqueuer:
         client = self._clients.take()
         try:
             new = await self._script(args=self._args(batch.events), client=client)
+            # ACK_REPLICAS: 200 only once that many replicas hold the events, within the deadline.
+            left_ms = int((self._deadline_s - (time.perf_counter() - started)) * 1000)
+            await wait_replicas(client, self._settings.ack_replicas, left_ms)
         except Exception as exc:  # noqa: BLE001 - any Redis failure means "not queued"
             metrics.ENQUEUE_FAILURES.inc()
             _fail(batch, QueueUnavailable(f"Redis refused the events: {type(exc).__name__}"))

@@ -199,14 +199,8 @@ async def test_a_claim_lasts_the_lease_not_the_job_timeout(
     worker killed right after a claim holds the lane no longer than that (fails if arq stops
     reading the attribute)."""
     assert settings.job_timeout_s == 60 and settings.worker_lease_s == 5
-    from arq.connections import create_pool
-
-    from workers.settings import redis_settings
-
     assert (await post(p.body(p.text_message(mid="claimed")))).status == 200
-    pool = await create_pool(redis_settings(settings))
-    worker = LeasedWorker(**worker_settings(settings), redis_pool=pool, burst=True,
-                          handle_signals=False)
+    worker = LeasedWorker(**worker_settings(settings), burst=True, handle_signals=False)
     [job_id] = await redis.zrange(settings.queue_name, 0, -1)
     await worker.start_jobs([job_id])  # arq's own claim; its job task is created, not run
     for task in worker.tasks.values():
