@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-_PREFIX = "sha256="
+from shared.signing import PREFIX as _PREFIX
+from shared.signing import sign
+
+__all__ = ["SignatureVerifier", "sign"]
 
 
 class SignatureVerifier:
@@ -42,6 +45,3 @@ def well_formed(header: str | None) -> bool:
     return header is not None and header.startswith(_PREFIX) and len(header) == _SIGNED_LENGTH
 
 
-def sign(secret: bytes, body: bytes) -> str:
-    """The header value Facebook would send for `body`; used by tests, `simulate` and benchmarks."""
-    return _PREFIX + hmac.new(secret, body, hashlib.sha256).hexdigest()

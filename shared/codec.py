@@ -56,6 +56,9 @@ def job_serializer(obj: dict[str, Any]) -> bytes:
 LANE_JOB = "lane"
 """The arq job function that drains a lane (workers/lanes.py): its only argument is the lane."""
 
+FORWARD_JOB = "forward"
+"""The arq job function that delivers a lane's forward list (workers/forward.py)."""
+
 UNREADABLE_JOB = "fbhook_unreadable_job"
 """The job function a job is handed to when its payload cannot be read (corrupt bytes, pickle,
 an unknown function): it dead-letters the payload whole (workers/jobs.py)."""
@@ -67,7 +70,8 @@ def job_deserializer(data: bytes) -> dict[str, Any]:
     try:
         result = _msgpack_decoder.decode(data)
         lane = result["k"]["lane"]
-        if result["f"] != LANE_JOB or not isinstance(lane, int) or isinstance(lane, bool):
+        if result["f"] not in (LANE_JOB, FORWARD_JOB) or not isinstance(lane, int) or \
+                isinstance(lane, bool):
             raise ValueError(f"not a job of fbhook: function {result['f']!r}")
     except Exception as exc:  # noqa: BLE001 - anything unreadable is kept, never dropped
         error = f"unreadable job: {type(exc).__name__}: {str(exc)[:200]}"

@@ -13,6 +13,19 @@ LANE_JOB_PREFIX = "fb:lanejob:"
 """`fb:lanejob:<n>`: the id of the arq job that owns lane n (queued, running, or waiting to
 retry its head event); absent when the lane is idle. Ingest sets it when it queues a job."""
 
+FORWARD_PREFIX = "fb:fwd:"
+"""`fb:fwd:<n>`: events waiting to be forwarded to FORWARD_URL, oldest first, one list per lane
+(so a user's events are delivered in order); written with their outputs (workers/effects.lua)."""
+
+FORWARD_JOB_PREFIX = "fb:fwdjob:"
+"""`fb:fwdjob:<n>`: the id of the arq job that delivers forward lane n, as `fb:lanejob:<n>`."""
+
+FORWARD_DEAD = "fb:fwd:dead"
+"""Deliveries that failed for good: the event, the last answer, the error (`fbhook forward`)."""
+
+FORWARD_TRIES = "fb:fwd:tries"
+"""A hash of event id -> failed delivery tries, for the forward lanes' head events."""
+
 LANE_TRIES = "fb:lane:tries"
 """A hash of event id -> failed tries, for the head events being retried (small)."""
 
@@ -61,6 +74,14 @@ def lane(n: int) -> str:
 
 def lane_job(n: int) -> str:
     return f"{LANE_JOB_PREFIX}{n}"
+
+
+def forward_lane(n: int) -> str:
+    return f"{FORWARD_PREFIX}{n}"
+
+
+def forward_job(n: int) -> str:
+    return f"{FORWARD_JOB_PREFIX}{n}"
 
 
 def seen(event_id: str) -> str:

@@ -65,6 +65,26 @@ def _token(name: str, raw: str) -> str:
     return raw
 
 
+def _http_url(name: str, raw: str) -> str:
+    if not raw.startswith(("http://", "https://")) or len(raw) < 10:
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
+    return raw
+
+
+def _forward_secret(name: str, raw: str) -> bytes:
+    _not_placeholder(name, raw)
+    if len(raw) < 8:
+        raise ConfigError(f"{name} must be at least 8 characters long")
+    return raw.encode()
+
+
+def _kinds(name: str, raw: str) -> frozenset[str]:
+    kinds = frozenset(k.strip() for k in raw.split(",") if k.strip())
+    if not kinds:
+        raise ConfigError(f"{name} must list kinds, comma-separated (message,postback,...)")
+    return kinds
+
+
 def _redis_url(name: str, raw: str) -> str:
     if is_sentinel_url(raw):
         try:
@@ -120,6 +140,13 @@ class Settings:
     worker_max_jobs: int = 32
     lanes: int = 256
     worker_lease_s: float = 5.0
+    forward_url: str = ""
+    forward_secret: bytes = b""
+    forward_kinds: frozenset[str] = frozenset()
+    """Empty: every kind is forwarded."""
+    forward_timeout_s: float = 10.0
+    forward_max_age_s: int = 86_400
+    forward_concurrency: int = 16
     worker_poll_delay_s: float = 0.05
     worker_metrics_port: int = 0
     watchdog_s: int = 900
@@ -129,7 +156,11 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every setting; raise ConfigError naming the first bad variable."""
-        return cls(**_read(os.environ if environ is None else environ))  # type: ignore[arg-type]
+        settings = cls(**_read(os.environ if environ is None else environ))  # type: ignore[arg-type]
+        if settings.forward_url and not settings.forward_secret:
+            raise ConfigError("FORWARD_SECRET is required when FORWARD_URL is set: the bot checks "
+                              "the X-Hub-Signature-256 it signs")
+        return settings
 
     @classmethod
     def for_tools(
@@ -172,7 +203,7 @@ class Settings:
         out: dict[str, object] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in {"fb_app_secrets", "fb_verify_token", "api_token"}:
+            if f.name in {"fb_app_secrets", "fb_verify_token", "api_token", "forward_secret"}:
                 value = "<set>" if value else "<unset>"
             elif f.name == "redis_url":
                 value = redact_url(value)
@@ -214,6 +245,12 @@ _SPEC: dict[str, tuple[str, Callable[[str, str], object], bool]] = {
     "WORKER_MAX_JOBS": ("worker_max_jobs", _int(1, 1000), False),
     "LANES": ("lanes", _int(1, 65_536), False),
     "WORKER_LEASE_SECONDS": ("worker_lease_s", _float(1.0, 60.0), False),
+    "FORWARD_URL": ("forward_url", _http_url, False),
+    "FORWARD_SECRET": ("forward_secret", _forward_secret, False),
+    "FORWARD_KINDS": ("forward_kinds", _kinds, False),
+    "FORWARD_TIMEOUT_SECONDS": ("forward_timeout_s", _float(0.1, 300.0), False),
+    "FORWARD_MAX_AGE_SECONDS": ("forward_max_age_s", _int(60, 30 * 86400), False),
+    "FORWARD_CONCURRENCY": ("forward_concurrency", _int(1, 1000), False),
     "WORKER_POLL_DELAY_SECONDS": ("worker_poll_delay_s", _float(0.0, 10.0), False),
     "WORKER_METRICS_PORT": ("worker_metrics_port", _int(0, 65535), False),
     "WATCHDOG_SECONDS": ("watchdog_s", _int(0, 7 * 86400), False),

@@ -51,14 +51,18 @@ async def two_workers(settings: Settings) -> AsyncIterator[Callable[[], Awaitabl
 
     busy = dataclasses.replace(settings, worker_max_jobs=8)
     started: list[LeasedWorker] = []
+    mains: list[asyncio.Task[None]] = []
 
     async def start() -> None:
         for _ in range(2):
             worker = LeasedWorker(**worker_settings(busy), handle_signals=False)
             started.append(worker)
-            asyncio.get_running_loop().create_task(worker.main())
+            mains.append(asyncio.get_running_loop().create_task(worker.main()))
 
     yield start
+    for task in mains:  # stop polling first, then let each worker close its jobs and pool
+        task.cancel()
+    await asyncio.gather(*mains, return_exceptions=True)
     for worker in started:
         await worker.close()
 

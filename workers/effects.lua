@@ -7,14 +7,15 @@
 -- ARGV[11] the events, one MessagePack array of arrays (one argument instead of a dozen per
 --          event: packing arguments was half a worker's time), the lane's head in order:
 --   {id, kind, channel, page id, user, timestamp ms, event JSON, touch, touch JSON, day,
---    ad title, object, sender, raw}
+--    ad title, object, sender, raw, forward record or false}
 --   where user is the key of the sender's attribution record (shared/identity.py), sender the
 --   id as sent, raw the item exactly as Facebook sent it, and touch a positional array
 --   (shared/attribution.py POSITIONS) or false.
 -- ARGV[12] the step, one MessagePack array (workers/effects.py Step):
 --   {lane key, owner key, job id, arq try key, job try, failed, mode, next job id, lane number,
 --    queue, now ms, max tries, tries key, dead-letter stream, arq job prefix, job TTL ms,
---    backoffs: the wait in ms before try n + 1, by n}
+--    backoffs: the wait in ms before try n + 1, by n, forward list key, forward owner key,
+--    forward job id (queued for the forward list if it has no job)}
 --   failed: false, or {id, kind, error} of the event right after the rows, which failed before
 --   it could be written; mode: 'more' (the job goes on while the lane has events) or 'handoff'
 --   (its time is up: a new job takes the lane over).
@@ -188,6 +189,31 @@ local function null(value)
   return value or cjson.null
 end
 
+-- The _fbRef* variables of a user's last touch (seed 001), as JSON; `fbref` adds `__fbref__`.
+local function vars_of(last, fbref)
+  local vars = {
+    _fbRefSource = null(last and last[SOURCE]), _fbRefParam = null(last and last[REF]),
+    _fbRefAdId = null(last and last[AD]),
+  }
+  if fbref ~= nil then
+    vars.__fbref__ = fbref
+  end
+  return cjson.encode(vars)
+end
+
+-- Forwarding (FORWARD_URL): the event goes to its lane's forward list with the user's attribution
+-- at the time of the event, and whether it is a referral moment; workers/forward.py delivers it.
+local forwarded = false
+local function forward(record, user, last)
+  local fbref = last ~= nil
+  if not last and user ~= '' then
+    local stored = redis.call('GET', attr_prefix .. user)
+    last = stored and cmsgpack.unpack(stored)[3][1] or nil
+  end
+  redis.call('RPUSH', step[18], record .. '\n' .. vars_of(last, fbref))
+  forwarded = true
+end
+
 local out, events, written = {}, cmsgpack.unpack(ARGV[11]), 0
 local function write_all()
   for n, e in ipairs(events) do
@@ -196,17 +222,18 @@ local function write_all()
       'id', id, 'kind', kind, 'channel', e[3], 'object', e[12], 'page_id', e[4],
       'sender', e[13], 'user', user, 'timestamp', e[6], 'event', e[7], 'raw', e[14])
     out[n] = 1
+    local last = nil
     if touch then
-      local count, last = add_touch(attr_prefix .. user, touch)
+      local count
+      count, last = add_touch(attr_prefix .. user, touch)
       out[n] = count > 1 and 3 or 2
       count_touch(day_prefix .. e[10], touch, count, e[11], attr_prefix .. user)
-      local vars = cjson.encode({
-        _fbRefSource = null(last[SOURCE]), _fbRefParam = null(last[REF]),
-        _fbRefAdId = null(last[AD]),
-      })
       redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
         'user', user, 'object', e[12], 'returning', count > 1 and '1' or '0', 'touches', count,
-        'touch', e[9], 'vars', vars)
+        'touch', e[9], 'vars', vars_of(last))
+    end
+    if e[15] then
+      forward(e[15], user, last)
     end
     written = n
   end
@@ -215,6 +242,11 @@ end
 -- The report counters of the events written are added even when a write fails part way.
 local ok, err = pcall(write_all)
 write_counts()
+if forwarded and redis.call('SET', step[19], step[20], 'NX') then
+  redis.call('PSETEX', step[15] .. step[20], step[16],
+    cmsgpack.pack({t = 1, f = 'forward', a = {}, k = {lane = step[9]}, et = tonumber(step[11])}))
+  redis.call('ZADD', step[10], step[11], step[20])
+end
 local tries_key = step[13]
 if written > 0 then
   redis.call('LTRIM', lane, written, -1)

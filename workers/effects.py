@@ -69,6 +69,19 @@ class Row(NamedTuple):
         return str(self.values[0])
 
 
+class ForwardRecord(msgspec.Struct):
+    """An event waiting in a forward list: enough to rebuild Facebook's envelope around the item
+    exactly as it was sent (workers/forward.py)."""
+
+    id: str
+    kind: str
+    object: str
+    page: str | None
+    channel: str
+    time: int
+    raw: str
+
+
 class Failed(NamedTuple):
     """The event right after a step's rows, which failed before it could be written."""
 
@@ -108,20 +121,28 @@ class Effects:
         self._script = redis.register_script(EFFECTS_LUA)
         self._clients = Pinned(redis)
         self._queue, self._max_tries = settings.queue_name, settings.job_max_tries
+        self._forward, self._forward_kinds = bool(settings.forward_url), settings.forward_kinds
         self._header = (
             settings.dedupe_ttl_s, settings.stream_maxlen, settings.history_cap,
             keys.REFERRALS_STREAM, keys.REPORT_ADS, RETENTION_DAYS * 86400,
             keys.SEEN_PREFIX, keys.STREAM_PREFIX, keys.ATTR_PREFIX, keys.REPORT_PREFIX,
         )
 
+    def forwards(self, kind: str) -> bool:
+        """Whether events of `kind` are forwarded to FORWARD_URL (FORWARD_KINDS, else all)."""
+        return self._forward and (not self._forward_kinds or kind in self._forward_kinds)
+
     @staticmethod
-    def row(event: Event, queued: QueuedEvent) -> Row:
-        """What effects.lua writes for one event. Raises if the event cannot be encoded: the
-        caller then fails that event alone."""
+    def row(event: Event, queued: QueuedEvent, forward: bool = False) -> Row:
+        """What effects.lua writes for one event (and, with `forward`, queues for FORWARD_URL).
+        Raises if the event cannot be encoded: the caller then fails that event alone."""
         touch = touch_of(event, queued.received_ms)
         head = (event.id, event.kind, event.channel, event.page_id or "", event.user or "",
                 event.timestamp, _text(event))
-        tail = (queued.object, event.sender or "", queued.raw_text())
+        raw = queued.raw_text()
+        record = _text(ForwardRecord(event.id, event.kind, queued.object, event.page_id,
+                                     queued.channel, queued.received_ms, raw)) if forward else False
+        tail = (queued.object, event.sender or "", raw, record)
         if touch is None:
             return Row((*head, False, False, False, False, *tail), None)
         return Row((*head, pack_touch(touch), _text(touch_dict(touch)), day_of(touch.timestamp),
@@ -140,6 +161,8 @@ class Effects:
             int(time.time() * 1000),
             self._max_tries, keys.LANE_TRIES, keys.DEAD_LETTERS, job_key_prefix, JOB_TTL_MS,
             list(step.backoffs_ms) or [0],
+            keys.forward_lane(step.lane), keys.forward_job(step.lane),
+            f"fwd-{os.urandom(6).hex()}-{step.lane}",
         ]
         client = self._clients.take()
         try:

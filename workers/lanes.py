@@ -198,7 +198,7 @@ class _Run:
                 return rows, Failed(_failed_id(blob), UNKNOWN, f"{type(exc).__name__}: {exc}")
             try:
                 await self._handle(event, deadline)
-                rows.append(Effects.row(event, queued))
+                rows.append(Effects.row(event, queued, self.effects.forwards(event.kind)))
             except Exception as exc:  # noqa: BLE001 - the event fails alone, kept whole
                 return rows, Failed(event.id, event.kind, _reason(exc))
         return rows, None

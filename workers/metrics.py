@@ -119,3 +119,33 @@ async def stop(task: asyncio.Task[None] | None) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+FORWARD_DELIVERIES = Counter(
+    "fbhook_forward_deliveries",
+    "POSTs to FORWARD_URL by outcome (delivered, failed) and HTTP status class.",
+    ["outcome", "status"],
+)
+FORWARD_SECONDS = Histogram(
+    "fbhook_forward_attempt_seconds", "Time of one POST to FORWARD_URL, answer included.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+FORWARD_LAG = Gauge(
+    "fbhook_forward_lag_seconds",
+    "How old the last event this worker delivered was: the forward backlog's age.",
+)
+FORWARD_FAILURES = Counter(
+    "fbhook_forward_failures",
+    "Deliveries that failed, by what follows: a retry later, or the dead letters.", ["next"],
+)
+_STATUS_CLASSES: Final = {0: "error", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+def count_delivery(status: int, delivered: bool, seconds: float) -> None:
+    status_class = _STATUS_CLASSES.get(status // 100, "other")
+    FORWARD_DELIVERIES.labels("delivered" if delivered else "failed", status_class).inc()
+    FORWARD_SECONDS.observe(seconds)
+
+
+def count_forward_failure(given_up: bool) -> None:
+    FORWARD_FAILURES.labels("dead_letter" if given_up else "retry").inc()

@@ -3,9 +3,10 @@
 -- last step deletes it). A job arq failed on its own (a timeout, say) leaves its owner key
 -- behind with no job; this finds it within a few seconds and queues a new one.
 --
--- ARGV[1] lane key prefix   ARGV[2] lane-job key prefix   ARGV[3] arq job-key prefix
--- ARGV[4] queue key         ARGV[5] lanes                  ARGV[6] new job-id prefix
--- ARGV[7] now (ms)          ARGV[8] job key TTL (ms)
+-- ARGV[1] list key prefix   ARGV[2] owner key prefix   ARGV[3] arq job-key prefix
+-- ARGV[4] queue key         ARGV[5] lanes               ARGV[6] new job-id prefix
+-- ARGV[7] now (ms)          ARGV[8] job key TTL (ms)    ARGV[9] job function ('lane' or
+--                                                       'forward', for the forward lists)
 -- Returns the lanes given a new job.
 local repaired = {}
 for n = 0, tonumber(ARGV[5]) - 1 do
@@ -15,7 +16,7 @@ for n = 0, tonumber(ARGV[5]) - 1 do
       local job_id = ARGV[6] .. n
       redis.call('SET', ARGV[2] .. n, job_id)
       redis.call('PSETEX', ARGV[3] .. job_id, ARGV[8],
-        cmsgpack.pack({t = 1, f = 'lane', a = {}, k = {lane = n}, et = tonumber(ARGV[7])}))
+        cmsgpack.pack({t = 1, f = ARGV[9], a = {}, k = {lane = n}, et = tonumber(ARGV[7])}))
       redis.call('ZADD', ARGV[4], ARGV[7], job_id)
       repaired[#repaired + 1] = n
     end

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.codec import JOB_TTL_MS
+from shared.codec import FORWARD_JOB, JOB_TTL_MS, LANE_JOB
 from shared.settings import Settings
 
 REPAIR_LUA = resources.files("workers").joinpath("repair.lua").read_text()
@@ -23,13 +23,20 @@ log = logging.getLogger("fbhook.worker")
 
 
 async def repair(redis: Redis, settings: Settings) -> list[int]:
-    """Queue a job for every lane left with events and no job; return those lanes."""
+    """Queue a job for every lane (and forward list) left with events and no job; return the
+    lanes that got one."""
     script = redis.register_script(REPAIR_LUA)
-    lanes = await script(args=[
-        keys.LANE_PREFIX, keys.LANE_JOB_PREFIX, keys.ARQ_JOB_PREFIX, settings.queue_name,
-        settings.lanes, f"repair-{os.urandom(4).hex()}-", int(time.time() * 1000), JOB_TTL_MS,
-    ])
-    return [int(n) for n in lanes]
+    kinds = [(keys.LANE_PREFIX, keys.LANE_JOB_PREFIX, LANE_JOB)]
+    if settings.forward_url:
+        kinds.append((keys.FORWARD_PREFIX, keys.FORWARD_JOB_PREFIX, FORWARD_JOB))
+    repaired: list[int] = []
+    for lists, owners, function in kinds:
+        lanes = await script(args=[
+            lists, owners, keys.ARQ_JOB_PREFIX, settings.queue_name, settings.lanes,
+            f"repair-{os.urandom(4).hex()}-", int(time.time() * 1000), JOB_TTL_MS, function,
+        ])
+        repaired += [int(n) for n in lanes]
+    return repaired
 
 
 async def repair_forever(redis: Redis, settings: Settings,

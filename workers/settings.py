@@ -9,10 +9,17 @@ from typing import Any, cast
 from arq.worker import func
 
 from shared import keys
-from shared.codec import LANE_JOB, UNREADABLE_JOB, job_deserializer, job_serializer
+from shared.codec import (
+    FORWARD_JOB,
+    LANE_JOB,
+    UNREADABLE_JOB,
+    job_deserializer,
+    job_serializer,
+)
 from shared.settings import Settings
 from workers import metrics
 from workers.effects import Effects
+from workers.forward import Forwarder, forward_job
 from workers.lanes import Runtime, lane_job, unreadable_job
 from workers.redis_pool import arq_pool
 from workers.repair import repair_forever
@@ -40,6 +47,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         ctx["fbhook_gauges"] = asyncio.create_task(
             metrics.refresh_forever(ctx["redis"], settings.queue_name))
         ctx["fbhook_repair"] = asyncio.create_task(repair_forever(ctx["redis"], settings))
+        if settings.forward_url:
+            ctx["fbhook_forwarder"] = Forwarder.start(settings)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await metrics.stop(ctx.pop("fbhook_gauges", None))
@@ -47,10 +56,14 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         runtime: Runtime | None = ctx.get("fbhook")
         if runtime is not None:
             await runtime.effects.aclose()
+        forwarder: Forwarder | None = ctx.pop("fbhook_forwarder", None)
+        if forwarder is not None:
+            await forwarder.aclose()
 
     return {
         "functions": [
             func(cast(Any, lane_job), name=LANE_JOB, max_tries=CRASH_TRIES),
+            func(cast(Any, forward_job), name=FORWARD_JOB, max_tries=CRASH_TRIES),
             func(cast(Any, unreadable_job), name=UNREADABLE_JOB, max_tries=CRASH_TRIES),
         ],
         "redis_pool": arq_pool(settings),  # any REDIS_URL, Sentinel included

@@ -1,0 +1,56 @@
+-- One step of a forward lane's job (workers/forward.py): take the delivered events off the
+-- lane, deal with the one that failed, and decide what the lane does next, atomically and fenced
+-- to the run that owns the lane (as workers/effects.lua does for a lane of events).
+--
+-- ARGV[1] the step, one MessagePack array:
+--   {list key, owner key, job id, arq try key, job try, delivered, failed, mode, next job id,
+--    lane number, queue, now ms, tries key, dead-letter stream, arq job prefix, job TTL ms,
+--    id of the first event delivered}
+--   delivered: how many events at the head were delivered; failed: false, or
+--   {id, status, answer, error, give up (1/0), retry at ms} for the event right after them;
+--   mode: 'more' or 'handoff' (the run's time is up).
+-- Returns {status, tries}: status 'more', 'ended', 'handed' or 'retry' ('dead ' first when
+-- an event was dead-lettered), and the failed event's tries so far.
+local s = cmsgpack.unpack(ARGV[1])
+local list, owner, job_id, delivered, failed = s[1], s[2], s[3], s[6], s[7]
+if redis.call('GET', owner) ~= job_id or redis.call('GET', s[4]) ~= tostring(s[5]) then
+  return redis.error_reply('LANELOST this run no longer owns ' .. list)
+end
+
+local tries_key, now = s[13], tonumber(s[12])
+if delivered > 0 then
+  redis.call('LTRIM', list, delivered, -1)
+  redis.call('HDEL', tries_key, s[17])  -- only a lane's head event is ever retried
+end
+
+local function queue_next(at)
+  redis.call('SET', owner, s[9])
+  redis.call('PSETEX', s[15] .. s[9], s[16],
+    cmsgpack.pack({t = 1, f = 'forward', a = {}, k = {lane = s[10]}, et = now}))
+  redis.call('ZADD', s[11], at, s[9])
+end
+
+local status, tries = '', 0
+if failed then
+  tries = redis.call('HINCRBY', tries_key, failed[1], 1)
+  if failed[5] ~= 1 then
+    queue_next(failed[6])
+    return {'retry', tries}
+  end
+  redis.call('XADD', s[14], '*', 'id', failed[1], 'status', failed[2],
+    'answer', string.sub(failed[3], 1, 500), 'error', string.sub(failed[4], 1, 500),
+    'tries', tries, 'failed_at', now, 'payload', redis.call('LINDEX', list, 0) or '')
+  redis.call('HDEL', tries_key, failed[1])
+  redis.call('LPOP', list)
+  status = 'dead '
+end
+
+if redis.call('LLEN', list) == 0 then
+  redis.call('DEL', owner)
+  return {status .. 'ended', tries}
+end
+if s[8] == 'handoff' then
+  queue_next(now)
+  return {status .. 'handed', tries}
+end
+return {status .. 'more', tries}
