@@ -32,11 +32,8 @@ for _, lane in ipairs(cmsgpack.unpack(ARGV[11])) do
   if #fresh > 0 then
     new = new + #fresh
     redis.call('RPUSH', lane_prefix .. n, unpack(fresh))
-    local job_id = id_prefix .. n
-    if redis.call('SET', owner_prefix .. n, job_id, 'NX') then
-      redis.call('PSETEX', job_prefix .. job_id, job_ttl,
-        cmsgpack.pack({t = 1, f = 'lane', a = {}, k = {lane = n}, et = now}))
-      redis.call('ZADD', queue, now, job_id)
+    if redis.call('EXISTS', owner_prefix .. n) == 0 then
+      queue_job(owner_prefix .. n, job_prefix, queue, id_prefix .. n, 'lane', n, now, now, job_ttl)
     end
   end
 end

@@ -28,7 +28,16 @@ def lane_of(envelope_object: str, page: str | None, user: str | None, event_id: 
     return zlib.crc32(key.encode()) % lanes
 
 
-ENQUEUE_LUA: Final = resources.files("shared").joinpath("enqueue.lua").read_text()
+QUEUE_JOB_LUA: Final = resources.files("shared").joinpath("queue_job.lua").read_text()
+
+
+def with_queue_job(script: str) -> str:
+    """A Lua script that queues lane jobs, with `queue_job` (shared/queue_job.lua) before it."""
+    return QUEUE_JOB_LUA + script
+
+
+ENQUEUE_LUA: Final = with_queue_job(
+    resources.files("shared").joinpath("enqueue.lua").read_text())
 """Appends events to their lanes with the dedupe check, and queues a job for an idle lane."""
 
 _pack = msgspec.msgpack.Encoder().encode

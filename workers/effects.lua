@@ -242,10 +242,9 @@ end
 -- The report counters of the events written are added even when a write fails part way.
 local ok, err = pcall(write_all)
 write_counts()
-if forwarded and redis.call('SET', step[19], step[20], 'NX') then
-  redis.call('PSETEX', step[15] .. step[20], step[16],
-    cmsgpack.pack({t = 1, f = 'forward', a = {}, k = {lane = step[9]}, et = tonumber(step[11])}))
-  redis.call('ZADD', step[10], step[11], step[20])
+if forwarded and redis.call('EXISTS', step[19]) == 0 then
+  local now = tonumber(step[11])
+  queue_job(step[19], step[15], step[10], step[20], 'forward', step[9], now, now, step[16])
 end
 local tries_key = step[13]
 if written > 0 then
@@ -260,12 +259,9 @@ end
 local status, tries = '', 0
 local next_id, queue, now = step[8], step[10], tonumber(step[11])
 
--- The lane's next job, in arq's layout (shared/codec.py lane_job), due at `at`.
+-- The lane's next job, due at `at` (queue_job: shared/queue_job.lua).
 local function queue_next(at)
-  redis.call('SET', owner, next_id)
-  redis.call('PSETEX', step[15] .. next_id, step[16],
-    cmsgpack.pack({t = 1, f = 'lane', a = {}, k = {lane = step[9]}, et = now}))
-  redis.call('ZADD', queue, at, next_id)
+  queue_job(owner, step[15], queue, next_id, 'lane', step[9], now, at, step[16])
 end
 
 if failed then

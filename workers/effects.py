@@ -18,6 +18,7 @@ from shared import keys
 from shared.attribution import POSITIONS, Touch, pack_touch, touch_dict
 from shared.codec import JOB_TTL_MS, QueuedEvent
 from shared.events import Event
+from shared.lanes import with_queue_job
 from shared.pinned import Pinned
 from shared.report import RETENTION_DAYS, day_of
 from shared.settings import Settings
@@ -31,7 +32,7 @@ def _load_script() -> str:
     text = resources.files("workers").joinpath("effects.lua").read_text()
     names = ("timestamp", "source", "ref", "ad_id", "tie", "product_id")
     positions = ", ".join(str(POSITIONS.index(name) + 1) for name in names)
-    return text.replace("= POSITIONS\n", f"= {positions}\n", 1)
+    return with_queue_job(text.replace("= POSITIONS\n", f"= {positions}\n", 1))
 
 
 EFFECTS_LUA = _load_script()

@@ -24,10 +24,7 @@ if delivered > 0 then
 end
 
 local function queue_next(at)
-  redis.call('SET', owner, s[9])
-  redis.call('PSETEX', s[15] .. s[9], s[16],
-    cmsgpack.pack({t = 1, f = 'forward', a = {}, k = {lane = s[10]}, et = now}))
-  redis.call('ZADD', s[11], at, s[9])
+  queue_job(owner, s[15], s[11], s[9], 'forward', s[10], now, at, s[16])
 end
 
 local status, tries = '', 0

@@ -33,13 +33,14 @@ from redis.exceptions import ResponseError
 
 from shared import keys
 from shared.codec import JOB_TTL_MS
+from shared.lanes import with_queue_job
 from shared.settings import Settings
 from shared.signing import sign
 from workers import metrics
 from workers.effects import ForwardRecord
 from workers.lanes import RUN_SECONDS, lease
 
-FORWARD_LUA = resources.files("workers").joinpath("forward.lua").read_text()
+FORWARD_LUA = with_queue_job(resources.files("workers").joinpath("forward.lua").read_text())
 
 BATCH = 100
 """Events a step reads from its list (delivered one by one, then taken off together)."""

@@ -13,11 +13,8 @@ for n = 0, tonumber(ARGV[5]) - 1 do
   if redis.call('EXISTS', ARGV[1] .. n) == 1 then
     local owner = redis.call('GET', ARGV[2] .. n)
     if not owner or redis.call('EXISTS', ARGV[3] .. owner) == 0 then
-      local job_id = ARGV[6] .. n
-      redis.call('SET', ARGV[2] .. n, job_id)
-      redis.call('PSETEX', ARGV[3] .. job_id, ARGV[8],
-        cmsgpack.pack({t = 1, f = ARGV[9], a = {}, k = {lane = n}, et = tonumber(ARGV[7])}))
-      redis.call('ZADD', ARGV[4], ARGV[7], job_id)
+      local now = tonumber(ARGV[7])
+      queue_job(ARGV[2] .. n, ARGV[3], ARGV[4], ARGV[6] .. n, ARGV[9], n, now, now, ARGV[8])
       repaired[#repaired + 1] = n
     end
   end

@@ -14,9 +14,10 @@ from redis.exceptions import RedisError
 
 from shared import keys
 from shared.codec import FORWARD_JOB, JOB_TTL_MS, LANE_JOB
+from shared.lanes import with_queue_job
 from shared.settings import Settings
 
-REPAIR_LUA = resources.files("workers").joinpath("repair.lua").read_text()
+REPAIR_LUA = with_queue_job(resources.files("workers").joinpath("repair.lua").read_text())
 REPAIR_SECONDS = 5.0
 
 log = logging.getLogger("fbhook.worker")
