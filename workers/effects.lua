@@ -44,7 +44,7 @@ local step = cmsgpack.unpack(ARGV[12])
 local lane, owner, job_id, try_key, job_try, failed, mode = step[1], step[2], step[3], step[4],
   step[5], step[6], step[7]
 
-if redis.call('GET', owner) ~= job_id or redis.call('GET', try_key) ~= tostring(job_try) then
+if not owns(owner, job_id, try_key, job_try) then
   return redis.error_reply('LANELOST this run no longer owns ' .. lane)
 end
 
@@ -280,12 +280,4 @@ if failed then
   status = 'dead '
 end
 
-if redis.call('LLEN', lane) == 0 then
-  redis.call('DEL', owner)
-  return {out, status .. 'ended', tries}
-end
-if mode == 'handoff' then
-  queue_next(now)
-  return {out, status .. 'handed', tries}
-end
-return {out, status .. 'more', tries}
+return {out, status .. next_step(lane, owner, mode == 'handoff', queue_next, now), tries}

@@ -13,7 +13,7 @@
 -- an event was dead-lettered), and the failed event's tries so far.
 local s = cmsgpack.unpack(ARGV[1])
 local list, owner, job_id, delivered, failed = s[1], s[2], s[3], s[6], s[7]
-if redis.call('GET', owner) ~= job_id or redis.call('GET', s[4]) ~= tostring(s[5]) then
+if not owns(owner, job_id, s[4], s[5]) then
   return redis.error_reply('LANELOST this run no longer owns ' .. list)
 end
 
@@ -42,12 +42,4 @@ if failed then
   status = 'dead '
 end
 
-if redis.call('LLEN', list) == 0 then
-  redis.call('DEL', owner)
-  return {status .. 'ended', tries}
-end
-if s[8] == 'handoff' then
-  queue_next(now)
-  return {status .. 'handed', tries}
-end
-return {status .. 'more', tries}
+return {status .. next_step(list, owner, s[8] == 'handoff', queue_next, now), tries}
