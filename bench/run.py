@@ -319,15 +319,19 @@ class Bench:
         point.update(self.outputs(pool))
         return point
 
-    def project_drain(self, count: int, module: str = "workers") -> Point:
+    def project_drain(self, count: int, module: str = "workers", users: int | None = None
+                      ) -> Point:
         """A pre-filled backlog drained by `count` workers (`module`: bench.handler_worker for
-        workers that run a CPU-bound handler per event)."""
+        workers that run a CPU-bound handler per event). With `users`, the ordered case: the
+        backlog comes from that many users (many events each, each user's in many requests),
+        and every user's stream entries are then checked against the order the user made them."""
         self.flush()
         workers = self.workers(count, module)
         for w in workers:
             w.pause()
         plan = self.plan
-        pool = self.pool(self.factory.mixed(plan.events // plan.batch, plan.batch))
+        factory = self.factory if users is None else Factory(self.secret, users=users)
+        pool = self.pool(factory.mixed(plan.events // plan.batch, plan.batch))
         names = [keys.stream(kind) for kind in pool.kinds]
         before = self.memory()
         res = start_closed(self.ports["project"], pool, plan.e2e_conns, E2E_TIMEOUT_S).wait()
@@ -342,38 +346,18 @@ class Bench:
         meter.stop()
         self.stop(*workers)
         pool.path.unlink()
-        label = f"backlog, {count} worker(s)" + (", handler" if module != "workers" else "")
+        label = f"backlog, {count} worker(s)" + (", handler" if module != "workers" else "") + (
+            f", ordered, {users:,} users" if users else "")
         point = self.e2e_point(label, pool.events, t_end - t0, meter, res)
         point.update(self.outputs(pool), queued_jobs=jobs,
                      bytes_per_queued_event=round(per_event, 1))
+        if users:
+            point.update(users=users, order_violations=self.order_violations())
         return point
 
     def project_ordered(self, count: int = 2, users: int = 2_000) -> Point:
-        """The ordered case: a backlog of mixed kinds from `users` users (many events each, the
-        same user's in many requests) drained by `count` workers; then every user's stream
-        entries are checked against the order the user made them (their timestamps)."""
-        self.flush()
-        workers = self.workers(count)
-        for w in workers:
-            w.pause()
-        plan = self.plan
-        factory = Factory(self.secret, users=users)
-        pool = self.pool(factory.mixed(plan.events // plan.batch, plan.batch))
-        names = [keys.stream(kind) for kind in pool.kinds]
-        res = start_closed(self.ports["project"], pool, plan.e2e_conns, E2E_TIMEOUT_S).wait()
-        meter = self.meter(workers)
-        meter.start()
-        t0 = time.perf_counter()
-        for w in workers:
-            w.resume()
-        t_end = self.until(lambda: self.xlen(names) >= pool.events)
-        meter.stop()
-        self.stop(*workers)
-        pool.path.unlink()
-        point = self.e2e_point(f"ordered backlog, {count} worker(s), {users:,} users", pool.events,
-                               t_end - t0, meter, res)
-        point.update(self.outputs(pool), users=users, order_violations=self.order_violations())
-        return point
+        """The ordered case (see project_drain)."""
+        return self.project_drain(count, users=users)
 
     def order_violations(self) -> int:
         """Users' events whose stream entry comes before that of an event the same user made
