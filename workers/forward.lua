@@ -9,6 +9,8 @@
 --   delivered: how many events at the head were delivered; failed: false, or
 --   {id, status, answer, error, give up (1/0), retry at ms} for the event right after them;
 --   mode: 'more' or 'handoff' (the run's time is up).
+-- A dead letter names its lane, for `fbhook forward dead replay` (the user key is not in the
+-- record, so the lane cannot be found again from it).
 -- Returns {status, tries}: status 'more', 'ended', 'handed' or 'retry' ('dead ' first when
 -- an event was dead-lettered), and the failed event's tries so far.
 local s = cmsgpack.unpack(ARGV[1])
@@ -34,7 +36,7 @@ if failed then
     queue_next(failed[6])
     return {'retry', tries}
   end
-  redis.call('XADD', s[14], '*', 'id', failed[1], 'status', failed[2],
+  redis.call('XADD', s[14], '*', 'id', failed[1], 'lane', s[10], 'status', failed[2],
     'answer', string.sub(failed[3], 1, 500), 'error', string.sub(failed[4], 1, 500),
     'tries', tries, 'failed_at', now, 'payload', redis.call('LINDEX', list, 0) or '')
   redis.call('HDEL', tries_key, failed[1])
