@@ -16,6 +16,7 @@ from cli import (
     dev,
     events,
     failover,
+    forward,
     report,
     services,
     simulate,
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     attribution.add_parser(sub)
     events.add_parser(sub)
     deadletters.add_parser(sub)
+    forward.add_parser(sub)
     report.add_parser(sub)
     failover.add_parser(sub)
     return parser

@@ -1,70 +1,46 @@
 """Forwarding to the bot's own webhook (FORWARD_URL): a real aiohttp receiver on a free port.
 
-The receiver checks each request's signature with the forward secret, as a bot's existing
-handler would, and records what it got; workers run in this process against the test Redis.
+The receiver (tests/receiver.py) checks each request's signature with the forward secret, as a
+bot's existing handler would, and records what it got; workers run in this process against the
+test Redis. Real processes killed mid-delivery and a bot down for a while: test_forward_faults.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import hmac
+import email.utils
 import json
+import logging
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from shared.lanes import lane_of
 from shared.settings import Settings
 from tests import payloads as p
-from tests.conftest import Post
-from tests.redis_server import free_port
+from tests.conftest import SECRET, Post, stream_rows
+from tests.receiver import FORWARD_SECRET, Receiver, Reply, serving
+from tests.redis_server import RedisProcess
+from workers.forward import BACKOFF_CAP_S, RETRY_AFTER_CAP_S, Attempt, backoff_s, retry_after
 from workers.leased_worker import LeasedWorker
 from workers.settings import worker_settings
 
-FORWARD_SECRET = b"bot-forward-secret"
-
-
-@dataclasses.dataclass
-class Receiver:
-    """The bot: answers with `status` (a list is used in turn, then its last value), records
-    every request."""
-
-    url: str
-    got: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    answers: list[tuple[int, dict[str, str]]] = dataclasses.field(default_factory=list)
-    bad_signatures: int = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        expected = "sha256=" + hmac.new(FORWARD_SECRET, body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(request.headers.get("X-Hub-Signature-256", ""), expected):
-            self.bad_signatures += 1
-            return web.Response(status=403)
-        status, headers = self.answers.pop(0) if len(self.answers) > 1 else (
-            self.answers[0] if self.answers else (200, {}))
-        self.got.append({"body": body, "headers": dict(request.headers), "status": status})
-        return web.Response(status=status, headers=headers, text="EVENT_RECEIVED")
-
-    def delivered(self) -> list[dict[str, Any]]:
-        return [g for g in self.got if 200 <= g["status"] < 300]
+ROOT = Path(__file__).resolve().parents[1]
+StartWorkers = Callable[..., Awaitable[None]]
 
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    port = free_port()
-    rec = Receiver(f"http://127.0.0.1:{port}/webhook")
-    app = web.Application()
-    app.router.add_post("/webhook", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    yield rec
-    await runner.cleanup()
+    async with serving(Receiver()) as rec:
+        yield rec
 
 
 @pytest.fixture
@@ -73,15 +49,18 @@ def forwarding(settings: Settings, receiver: Receiver) -> Settings:
 
 
 @pytest.fixture
-async def workers(forwarding: Settings) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+async def workers(forwarding: Settings) -> AsyncIterator[StartWorkers]:
+    """start(count=1, **changes): `count` workers in this process, with the forwarding settings
+    changed by `changes` (forward_kinds=..., forward_timeout_s=...)."""
     import workers.handlers  # noqa: F401
 
     started: list[LeasedWorker] = []
     mains: list[asyncio.Task[None]] = []
 
-    async def start(count: int = 1) -> None:
+    async def start(count: int = 1, **changes: Any) -> None:
         for _ in range(count):
-            worker = LeasedWorker(**worker_settings(forwarding), handle_signals=False)
+            config = dataclasses.replace(forwarding, **changes)
+            worker = LeasedWorker(**worker_settings(config), handle_signals=False)
             started.append(worker)
             mains.append(asyncio.get_running_loop().create_task(worker.main()))
 
@@ -104,8 +83,28 @@ async def wait_for(predicate: Callable[[], Any], seconds: float = 20) -> None:
     raise AssertionError("timed out")
 
 
+async def forward_backlog(redis: Redis) -> int:
+    """Events waiting in every forward list."""
+    total = 0
+    async for key in redis.scan_iter("fb:fwd:[0-9]*"):
+        total += await redis.llen(key)  # type: ignore[misc]
+    return total
+
+
+async def drained(redis: Redis) -> bool:
+    """Whether every forward list is empty (all delivered or dead-lettered)."""
+    return await forward_backlog(redis) == 0
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# --------------------------------------------------------------------------- what the bot gets
+
+
 async def test_every_event_reaches_the_bot_in_facebooks_envelope_signed_with_the_forward_secret(
-    post: Post, redis: Redis, receiver: Receiver, workers: Any
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers
 ) -> None:
     await workers(1)
     item = ('{"sender":{"id":"u1"},"recipient":{"id":"1122334455"},"timestamp":1700000000000,'
@@ -117,55 +116,384 @@ async def test_every_event_reaches_the_bot_in_facebooks_envelope_signed_with_the
 
     [got] = receiver.delivered()
     assert receiver.bad_signatures == 0
-    sent = json.loads(got["body"])
+    sent = json.loads(got.body)
     assert sent["object"] == "page" and sent["entry"][0]["id"] == "1122334455"
-    assert item.encode() in got["body"], "the item exactly as Facebook sent it"
-    assert got["headers"]["X-Fbhook-Event-Id"] == "message:m-fwd"
-    assert got["headers"]["X-Fbhook-Referral"] == "0"
-    assert json.loads(got["headers"]["X-Fbhook-Attribution"]) == {
+    assert item.encode() in got.body, "the item exactly as Facebook sent it"
+    assert got.headers["X-Fbhook-Event-Id"] == "message:m-fwd"
+    assert got.headers["X-Fbhook-Kind"] == "message"
+    assert got.headers["X-Fbhook-Referral"] == "0"
+    assert json.loads(got.headers["X-Fbhook-Attribution"]) == {
         "_fbRefSource": None, "_fbRefParam": None, "_fbRefAdId": None}
-    # The streams are written as ever.
+    # The streams are written as ever, and the forward list is empty once delivered.
     assert await redis.xlen("fb:events:message") == 1
+    assert await forward_backlog(redis) == 0
+
+
+async def test_a_bot_that_checks_another_secret_refuses_every_delivery_and_they_are_dead_lettered(
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers
+) -> None:
+    receiver.secret = SECRET  # the bot still checks with the App Secret, not FORWARD_SECRET
+    await workers(1)
+    for n in range(2):
+        assert (await post(p.body(p.text_message(mid=f"sig-{n}", sender="sig")))).status == 200
+    await wait_for(lambda: redis.xlen("fb:fwd:dead"), 10)
+    await wait_for(lambda: receiver.bad_signatures == 2)
+    await wait_for(lambda: drained(redis))
+    dead = [fields for _, fields in await redis.xrange("fb:fwd:dead")]
+    assert [(d[b"id"], d[b"status"], d[b"tries"]) for d in dead] == [
+        (b"message:sig-0", b"403", b"1"), (b"message:sig-1", b"403", b"1")]
+    assert receiver.got == []
+
+
+async def test_standby_changes_and_instagram_reach_the_bot_in_facebooks_envelope_for_each(
+    post: Post, receiver: Receiver, workers: StartWorkers
+) -> None:
+    await workers(1)
+    standby = p.text_message(mid="sb-1", sender="sb")
+    feed = {"field": "feed", "value": {"item": "comment", "verb": "add", "from": {"id": "fan"}}}
+    insta = {"sender": {"id": "ig-user"}, "recipient": {"id": "ig-acct"}, "timestamp": 1,
+             "message": {"mid": "ig-1", "text": "hi"}}
+    bodies = [
+        p.body(standby, channel="standby"),
+        p.body(feed, channel="changes"),
+        {"object": "instagram", "entry": [{"id": "ig-acct", "time": 5, "messaging": [insta]}]},
+    ]
+    for body in bodies:
+        assert (await post(body)).status == 200
+    await wait_for(lambda: len(receiver.delivered()) == 3)
+
+    got = {g.headers["X-Fbhook-Kind"]: g for g in receiver.delivered()}
+    assert set(got) == {"message", "feed"}
+    by_object = {json.loads(g.body)["object"]: json.loads(g.body) for g in receiver.delivered()}
+    sent_standby, sent_feed = (json.loads(g.body) for g in receiver.delivered()[:2])
+    for sent, channel, item in ((sent_standby, "standby", standby), (sent_feed, "changes", feed)):
+        [entry] = sent["entry"]
+        assert sent["object"] == "page"
+        assert entry == {"id": p.PAGE, "time": entry["time"], channel: [item]}
+        assert isinstance(entry["time"], int)
+    [ig_entry] = by_object["instagram"]["entry"]
+    assert ig_entry["id"] == "ig-acct" and ig_entry["messaging"] == [insta]
+
+
+async def test_forward_kinds_limits_the_kinds_the_bot_gets_and_every_stream_is_still_written(
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers
+) -> None:
+    await workers(1, forward_kinds=frozenset({"message", "postback"}))
+    items = [p.shortlink_referral("k", sender="kinds"), p.text_message(mid="k-m", sender="kinds"),
+             p.postback_with_referral(user_ref=None, sender="kinds"), p.read_event(sender="kinds")]
+    assert (await post(p.body(*items))).status == 200
+    await wait_for(lambda: len(receiver.delivered()) == 2)
+    await wait_for(lambda: drained(redis))
+    assert [g.headers["X-Fbhook-Kind"] for g in receiver.delivered()] == ["message", "postback"]
+    assert sorted(r["kind"] for r in await stream_rows(redis)) == [
+        "message", "postback", "read", "referral"]
+    # The message came after the referral: its attribution and referral flag say so.
+    message = receiver.delivered()[0]
+    assert message.headers["X-Fbhook-Referral"] == "0"
+    assert json.loads(message.headers["X-Fbhook-Attribution"])["_fbRefParam"] == "k"
 
 
 async def test_the_bot_gets_the_users_attribution_and_the_referral_moment(
-    post: Post, receiver: Receiver, workers: Any
+    post: Post, receiver: Receiver, workers: StartWorkers
 ) -> None:
     await workers(1)
     assert (await post(p.body(p.shortlink_referral("spring", sender="ana")))).status == 200
     assert (await post(p.body(p.text_message(mid="after", sender="ana")))).status == 200
     await wait_for(lambda: len(receiver.delivered()) == 2)
     first, second = receiver.delivered()
-    assert first["headers"]["X-Fbhook-Referral"] == "1"
-    assert second["headers"]["X-Fbhook-Referral"] == "0"
+    assert first.headers["X-Fbhook-Referral"] == "1"
+    assert second.headers["X-Fbhook-Referral"] == "0"
     for got in (first, second):
-        assert json.loads(got["headers"]["X-Fbhook-Attribution"]) == {
+        assert json.loads(got.headers["X-Fbhook-Attribution"]) == {
             "_fbRefSource": "SHORTLINK", "_fbRefParam": "spring", "_fbRefAdId": None}
 
 
-async def test_a_failing_bot_is_retried_honouring_retry_after_and_gets_each_users_events_in_order(
-    post: Post, redis: Redis, receiver: Receiver, workers: Any
+async def test_an_event_id_that_is_no_header_value_is_sent_percent_encoded(
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers
 ) -> None:
-    receiver.answers = [(503, {}), (429, {"Retry-After": "1"}), (200, {})]
+    await workers(1)
+    mid = "odd\r\nX-Injected: 1 %é"
+    assert (await post(p.body(p.text_message(mid=mid, sender="odd")))).status == 200
+    assert (await post(p.body(p.text_message(mid="plain", sender="odd")))).status == 200
+    await wait_for(lambda: len(receiver.delivered()) == 2)
+    ids = [g.headers["X-Fbhook-Event-Id"] for g in receiver.delivered()]
+    assert ids == ["message:odd%0D%0AX-Injected:%201%20%25%C3%A9", "message:plain"]
+    assert "X-Injected" not in receiver.delivered()[0].headers
+    assert json.loads(receiver.delivered()[0].body)["entry"][0]["messaging"][0][
+        "message"]["mid"] == mid
+    assert await redis.xlen("fb:fwd:dead") == 0
+
+
+# --------------------------------------------------------------------------- order and many users
+
+
+async def test_200_users_get_each_of_their_events_once_and_in_order_through_two_workers(
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers
+) -> None:
+    users, per_user = 200, 5
+    flaky = {f"message:u{u}-{r}" for u in range(0, users, 23) for r in (1, 3)}
+
+    def policy(event_id: str, seen: int) -> Reply:  # some first tries fail: 503, then 200
+        return Reply(503 if event_id in flaky and seen == 0 else 200, delay_s=0.001)
+
+    receiver.policy = policy
+    await workers(2)
+    items = [p.text_message(mid=f"u{u}-{r}", sender=f"user-{u}")
+             for r in range(per_user) for u in range(users)]
+    for start in range(0, len(items), 40):  # in order: each user's events as the ingest took them
+        assert (await post(p.body(*items[start:start + 40]))).status == 200
+    await wait_for(lambda: len(receiver.delivered()) == users * per_user, 60)
+
+    assert receiver.bad_signatures == 0
+    assert sorted(receiver.delivered_ids()) == sorted(
+        f"message:u{u}-{r}" for u in range(users) for r in range(per_user))
+    assert {i: c for i, c in receiver.counts().items() if c != 1} == {i: 2 for i in flaky}
+    in_order = {f"user-{u}": [f"message:u{u}-{r}" for r in range(per_user)]
+                for u in range(users)}
+    assert receiver.first_by_sender() == in_order
+    delivered_by_user: dict[str, list[str]] = {}
+    for g in receiver.delivered():
+        delivered_by_user.setdefault(g.sender(), []).append(g.event_id)
+    assert delivered_by_user == in_order
+    assert await forward_backlog(redis) == 0
+    assert await redis.hlen("fb:fwd:tries") == 0  # type: ignore[misc]
+
+
+async def test_a_user_whose_delivery_is_retried_holds_up_only_its_own_forward_lane(
+    post: Post, forwarding: Settings, receiver: Receiver, workers: StartWorkers
+) -> None:
+    receiver.policy = lambda event_id, seen: Reply(
+        503, {"Retry-After": "3"}) if event_id == "message:slow-0" and seen == 0 else Reply()
+    await workers(1)
+    assert (await post(p.body(p.text_message(mid="slow-0", sender="slow")))).status == 200
+    await wait_for(lambda: len(receiver.got) == 1)
+    others = [p.text_message(mid=f"o-{n}", sender=f"other-{n}") for n in range(60)]
+    assert (await post(p.body(*others, p.text_message(mid="slow-1", sender="slow")))).status == 200
+    await wait_for(lambda: len(receiver.delivered()) == 62)
+
+    def lane(user: str, event_id: str) -> int:
+        return lane_of("page", p.PAGE, user, event_id, forwarding.lanes)
+
+    slow_lane = lane("slow", "")
+    retried_at = next(i for i, g in enumerate(receiver.got) if g.event_id == "message:slow-0"
+                      and g.delivered)
+    before = {g.event_id for g in receiver.got[:retried_at] if g.delivered}
+    assert before == {f"message:o-{n}" for n in range(60)
+                      if lane(f"other-{n}", "") != slow_lane}
+    assert [g.event_id for g in receiver.delivered() if g.sender() == "slow"] == [
+        "message:slow-0", "message:slow-1"]
+
+
+# --------------------------------------------------------------------------- failures and retries
+
+
+async def test_a_failing_bot_is_retried_honouring_retry_after_and_gets_each_users_events_in_order(
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers
+) -> None:
+    receiver.replies = [Reply(503), Reply(429, {"Retry-After": "1"}), Reply(200)]
     await workers(2)
     for n in range(5):
         assert (await post(p.body(p.text_message(mid=f"o-{n}", sender="bob")))).status == 200
     await wait_for(lambda: len(receiver.delivered()) == 5)
-    ids = [g["headers"]["X-Fbhook-Event-Id"] for g in receiver.delivered()]
-    assert ids == [f"message:o-{n}" for n in range(5)]
-    assert [g["status"] for g in receiver.got[:2]] == [503, 429]
+    assert receiver.delivered_ids() == [f"message:o-{n}" for n in range(5)]
+    assert [g.status for g in receiver.got[:2]] == [503, 429]
     assert await redis.xlen("fb:fwd:dead") == 0
 
 
-async def test_a_4xx_is_dead_lettered_at_once_with_the_answer(
-    post: Post, redis: Redis, receiver: Receiver, workers: Any
+async def test_a_bot_that_answers_429_fails_and_times_out_gets_the_event_when_it_comes_back(
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers
 ) -> None:
-    receiver.answers = [(400, {}), (200, {})]
+    receiver.replies = [Reply(429, {"Retry-After": "2"}), Reply(500), Reply(200, delay_s=2.0),
+                        Reply(200)]
+    retries = sample("fbhook_forward_failures_total", next="retry")
+    await workers(1, forward_timeout_s=0.5)
+    assert (await post(p.body(p.text_message(mid="back", sender="dan")))).status == 200
+    await wait_for(lambda: len(receiver.delivered()) == 1, 30)
+    await wait_for(lambda: drained(redis))
+
+    assert [g.status for g in receiver.got] == [429, 500, 0, 200]  # 0: the sender had gone
+    assert {g.event_id for g in receiver.got} == {"message:back"}  # one id across the retries
+    # Retry-After is honoured: a first retry's own backoff is at most 1 s.
+    assert receiver.got[1].at - receiver.got[0].at >= 2.0
+    assert sample("fbhook_forward_failures_total", next="retry") - retries == 3
+    assert await redis.hlen("fb:fwd:tries") == 0  # type: ignore[misc]
+    assert await redis.xlen("fb:fwd:dead") == 0
+
+
+async def test_a_4xx_is_dead_lettered_at_once_with_the_answer_and_the_lane(
+    post: Post, redis: Redis, forwarding: Settings, receiver: Receiver, workers: StartWorkers
+) -> None:
+    receiver.replies = [Reply(400), Reply(200)]
     await workers(1)
     assert (await post(p.body(p.text_message(mid="refused", sender="cy")))).status == 200
     assert (await post(p.body(p.text_message(mid="next", sender="cy")))).status == 200
     await wait_for(lambda: len(receiver.delivered()) == 1)
     [(_, dead)] = await redis.xrange("fb:fwd:dead")
     assert dead[b"id"] == b"message:refused" and dead[b"status"] == b"400"
+    assert dead[b"tries"] == b"1" and dead[b"error"] == b"HTTP 400"
     assert b"EVENT_RECEIVED" in dead[b"answer"]
-    assert receiver.delivered()[0]["headers"]["X-Fbhook-Event-Id"] == "message:next"
+    assert int(dead[b"lane"]) == lane_of("page", p.PAGE, "cy", "", forwarding.lanes)
+    record, _, attribution = dead[b"payload"].partition(b"\n")
+    assert json.loads(record)["id"] == "message:refused"
+    assert json.loads(attribution)["_fbRefSource"] is None
+    assert receiver.delivered_ids() == ["message:next"]
+
+
+async def test_forward_concurrency_bounds_the_posts_a_worker_has_in_flight(
+    post: Post, receiver: Receiver, workers: StartWorkers
+) -> None:
+    receiver.replies = [Reply(delay_s=0.2)]
+    await workers(1, forward_concurrency=2)
+    items = [p.text_message(mid=f"cc-{u}-{r}", sender=f"cc-{u}") for r in range(2)
+             for u in range(12)]
+    assert (await post(p.body(*items))).status == 200
+    await wait_for(lambda: len(receiver.delivered()) == 24)
+    assert receiver.most_in_flight == 2
+
+
+# --------------------------------------------------------------------------- metrics and logs
+
+
+async def test_deliveries_and_failures_are_counted_and_the_lag_is_set(
+    post: Post, receiver: Receiver, workers: StartWorkers
+) -> None:
+    receiver.replies = [Reply(502), Reply(200)]
+    before = {
+        "ok": sample("fbhook_forward_deliveries_total", outcome="delivered", status="2xx"),
+        "failed": sample("fbhook_forward_deliveries_total", outcome="failed", status="5xx"),
+        "retry": sample("fbhook_forward_failures_total", next="retry"),
+        "attempts": sample("fbhook_forward_attempt_seconds_count"),
+    }
+    await workers(1)
+    for n in range(3):
+        assert (await post(p.body(p.text_message(mid=f"mx-{n}", sender="mx")))).status == 200
+    await wait_for(lambda: len(receiver.delivered()) == 3)
+    await asyncio.sleep(0.1)  # the worker counts after the answer came
+    assert sample("fbhook_forward_deliveries_total", outcome="delivered", status="2xx") - \
+        before["ok"] == 3
+    assert sample("fbhook_forward_deliveries_total", outcome="failed", status="5xx") - \
+        before["failed"] == 1
+    assert sample("fbhook_forward_failures_total", next="retry") - before["retry"] == 1
+    assert sample("fbhook_forward_attempt_seconds_count") - before["attempts"] == 4
+    assert sample("fbhook_forward_lag_seconds") > 0
+
+
+async def test_each_failed_attempt_logs_one_line_naming_the_event_and_never_the_secret(
+    post: Post, receiver: Receiver, workers: StartWorkers, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.replies = [Reply(503), Reply(404), Reply(200)]
+    caplog.set_level(logging.WARNING, logger="fbhook.forward")
+    await workers(1)
+    assert (await post(p.body(p.text_message(mid="lg-0", sender="lg")))).status == 200
+    assert (await post(p.body(p.text_message(mid="lg-1", sender="lg")))).status == 200
+    await wait_for(lambda: len(receiver.got) == 3)
+    await asyncio.sleep(0.1)
+    lines = [r for r in caplog.records if r.name == "fbhook.forward"]
+    assert [(r.event_id, r.status, r.next.split(" ")[0]) for r in lines] == [  # type: ignore[attr-defined]
+        ("message:lg-0", 503, "retry"), ("message:lg-0", 404, "dead")]
+    for record in lines:
+        assert FORWARD_SECRET.decode() not in json.dumps(record.__dict__, default=str)
+
+
+# --------------------------------------------------------------------------- replay with the CLI
+
+
+async def fbhook(*args: str, redis_url: str) -> tuple[int, str, str]:
+    """`python -m cli ...` without blocking this loop (the workers run on it)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", *args, "--redis-url", redis_url, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_forward_dead_letters_are_listed_replayed_at_the_end_of_their_lane_and_purged(
+    post: Post, redis: Redis, forwarding: Settings, receiver: Receiver, workers: StartWorkers,
+    redis_proc: RedisProcess,
+) -> None:
+    def policy(event_id: str, seen: int) -> Reply:
+        if event_id.startswith("message:refused") and seen == 0:
+            return Reply(400)
+        if event_id == "message:held" and seen == 0:  # the lane waits for a retry meanwhile
+            return Reply(503, {"Retry-After": "4"})
+        return Reply()
+
+    receiver.policy = policy
+    url = redis_proc.url
+    lane = lane_of("page", p.PAGE, "cy", "", forwarding.lanes)
+    await workers(1)
+    assert (await post(p.body(p.text_message(mid="refused", sender="cy")))).status == 200
+    await wait_for(lambda: redis.xlen("fb:fwd:dead"))
+    assert (await post(p.body(p.text_message(mid="held", sender="cy")))).status == 200
+    await wait_for(lambda: len(receiver.got) == 2)
+    await wait_for(lambda: redis.hget("fb:fwd:tries", "message:held"))
+
+    code, out, _ = await fbhook("forward", "dead", "list", redis_url=url)
+    assert code == 0 and len(out.splitlines()) == 1
+    assert "message  message:refused  HTTP 400  tries=1" in out
+    code, out, _ = await fbhook("forward", "dead", "list", "--json", redis_url=url)
+    [letter] = [json.loads(line) for line in out.splitlines()]
+    assert (letter["event_id"], letter["status"], letter["lane"]) == ("message:refused", 400, lane)
+
+    owner = await redis.get(f"fb:fwdjob:{lane}")
+    code, out, err = await fbhook("forward", "dead", "replay", redis_url=url)
+    assert code == 1 and "--all" in err
+    code, out, _ = await fbhook("forward", "dead", "replay", letter["entry_id"], redis_url=url)
+    assert code == 0 and "1 forward dead letter queued to be sent again" in out
+    # At the end of the lane, behind the user's event being retried; the lane keeps its job.
+    waiting = [json.loads(i.partition(b"\n")[0])["id"]
+               for i in await redis.lrange(f"fb:fwd:{lane}", 0, -1)]  # type: ignore[misc]
+    assert waiting == ["message:held", "message:refused"]
+    assert await redis.get(f"fb:fwdjob:{lane}") == owner and owner is not None
+    assert await redis.xlen("fb:fwd:dead") == 0
+    await wait_for(lambda: len(receiver.delivered()) == 2)
+    assert receiver.delivered_ids() == ["message:held", "message:refused"]
+    code, out, _ = await fbhook("forward", "dead", "replay", letter["entry_id"], redis_url=url)
+    assert code == 1 and "0 forward dead letters" in out  # replayed once only
+
+    # A lane with no job gets one.
+    assert (await post(p.body(p.text_message(mid="refused-2", sender="cy")))).status == 200
+    await wait_for(lambda: redis.xlen("fb:fwd:dead"))
+    await wait_for(lambda: drained(redis))
+    assert await redis.exists(f"fb:fwdjob:{lane}") == 0
+    code, out, _ = await fbhook("forward", "dead", "replay", "--all", redis_url=url)
+    assert code == 0 and "1 forward dead letter queued" in out
+    await wait_for(lambda: len(receiver.delivered()) == 3)
+    assert receiver.delivered_ids()[-1] == "message:refused-2"
+
+    assert (await post(p.body(p.text_message(mid="refused-3", sender="cy")))).status == 200
+    await wait_for(lambda: redis.xlen("fb:fwd:dead"))
+    code, out, _ = await fbhook("forward", "dead", "purge", "--all", redis_url=url)
+    assert code == 0 and "1 forward dead letter purged" in out
+    code, out, _ = await fbhook("forward", "dead", "list", redis_url=url)
+    assert out.strip() == "no forward dead letters"
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_retry_after_reads_seconds_and_http_dates_and_is_capped() -> None:
+    assert retry_after({"Retry-After": "120"}) == 120.0
+    assert retry_after({"Retry-After": "-5"}) == 0.0
+    assert retry_after({"Retry-After": str(10 * 86400)}) == RETRY_AFTER_CAP_S
+    assert retry_after({"Retry-After": "soon"}) is None
+    assert retry_after({}) is None
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    seconds = retry_after({"Retry-After": when})
+    assert seconds is not None and 28 <= seconds <= 30
+
+
+def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
+    for tries in range(1, 15):
+        full = min(BACKOFF_CAP_S, 2 ** (tries - 1))
+        for _ in range(50):
+            assert full / 2 <= backoff_s(tries) <= full
+
+
+def test_timeouts_connection_errors_408_429_and_5xx_are_retried_other_answers_are_not() -> None:
+    retried = {s for s in (0, 200, 301, 400, 401, 403, 404, 408, 410, 422, 429, 500, 502, 503)
+               if Attempt(s, "", "").retryable}
+    assert retried == {0, 408, 429, 500, 502, 503}
+    assert [s for s in (200, 204, 299, 300, 199) if Attempt(s, "", "").delivered] == [200, 204, 299]

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import time
+import urllib.parse
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple
@@ -93,7 +94,7 @@ class Forwarder:
         headers = {
             "Content-Type": "application/json",
             "X-Hub-Signature-256": sign(self.settings.forward_secret, body),
-            "X-Fbhook-Event-Id": record.id,
+            "X-Fbhook-Event-Id": header_id(record.id),
             "X-Fbhook-Kind": record.kind,
             "X-Fbhook-Attribution": json.dumps(
                 {k: v for k, v in vars_.items() if k != "__fbref__"}, ensure_ascii=True),
@@ -113,6 +114,16 @@ class Forwarder:
         if attempt.delivered:
             metrics.FORWARD_LAG.set(max(0.0, time.time() - record.time / 1000))
         return attempt
+
+
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+def header_id(event_id: str) -> str:
+    """The event id as a header value: as it is when it is printable ASCII without `%` or
+    spaces (every id Facebook's mids and the hashes give), else %-encoded (UTF-8), so that a
+    mid holding a line break neither injects a header nor makes every POST of its lane fail."""
+    return urllib.parse.quote(event_id, safe=_HEADER_SAFE)
 
 
 def envelope(record: ForwardRecord) -> bytes:
