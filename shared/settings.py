@@ -160,6 +160,11 @@ class Settings:
         if settings.forward_url and not settings.forward_secret:
             raise ConfigError("FORWARD_SECRET is required when FORWARD_URL is set: the bot checks "
                               "the X-Hub-Signature-256 it signs")
+        if settings.forward_url and settings.forward_timeout_s >= settings.job_timeout_s / 2:
+            # A forward run sends for up to half the job timeout, then one POST may take this.
+            raise ConfigError("FORWARD_TIMEOUT_SECONDS must be less than half of "
+                              f"JOB_TIMEOUT_SECONDS ({settings.job_timeout_s}), got "
+                              f"{settings.forward_timeout_s:g}")
         return settings
 
     @classmethod

@@ -23,6 +23,7 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from shared.errors import ConfigError
 from shared.lanes import lane_of
 from shared.settings import Settings
 from tests import payloads as p
@@ -339,6 +340,18 @@ async def test_a_4xx_is_dead_lettered_at_once_with_the_answer_and_the_lane(
     assert receiver.delivered_ids() == ["message:next"]
 
 
+async def test_a_run_hands_its_list_on_within_the_job_timeout_so_nothing_is_sent_twice(
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers
+) -> None:
+    receiver.replies = [Reply(delay_s=0.25)]  # 12 events: 3 s of POSTs for one list
+    await workers(1, job_timeout_s=2, forward_timeout_s=0.9)
+    items = [p.text_message(mid=f"jt-{n}", sender="jt") for n in range(12)]
+    assert (await post(p.body(*items))).status == 200
+    await wait_for(lambda: len(receiver.delivered()) >= 12, 30)
+    await wait_for(lambda: drained(redis))
+    assert receiver.delivered_ids() == [f"message:jt-{n}" for n in range(12)]
+
+
 async def test_forward_concurrency_bounds_the_posts_a_worker_has_in_flight(
     post: Post, receiver: Receiver, workers: StartWorkers
 ) -> None:
@@ -472,6 +485,21 @@ async def test_forward_dead_letters_are_listed_replayed_at_the_end_of_their_lane
 
 
 # --------------------------------------------------------------------------- units
+
+
+def test_forward_settings_need_a_secret_and_a_timeout_under_half_the_job_timeout() -> None:
+    base = {"FB_APP_SECRET": "s" * 12, "FB_VERIFY_TOKEN": "verify-token", "API_TOKEN": "a" * 12,
+            "FORWARD_URL": "http://127.0.0.1:9000/webhook", "JOB_TIMEOUT_SECONDS": "60"}
+    with pytest.raises(ConfigError, match="FORWARD_SECRET is required"):
+        Settings.from_env(base)
+    with_secret = {**base, "FORWARD_SECRET": "bot-forward-secret"}
+    with pytest.raises(ConfigError, match="FORWARD_TIMEOUT_SECONDS must be less than half"):
+        Settings.from_env({**with_secret, "FORWARD_TIMEOUT_SECONDS": "30"})
+    settings = Settings.from_env({**with_secret, "FORWARD_TIMEOUT_SECONDS": "29.5",
+                                  "FORWARD_KINDS": "message, postback,"})
+    assert (settings.forward_timeout_s, settings.forward_kinds) == (
+        29.5, frozenset({"message", "postback"}))
+    assert settings.redacted()["forward_secret"] == "<set>"
 
 
 def test_retry_after_reads_seconds_and_http_dates_and_is_capped() -> None:

@@ -39,7 +39,7 @@ from shared.settings import Settings
 from shared.signing import sign
 from workers import metrics
 from workers.effects import ForwardRecord
-from workers.lanes import RUN_SECONDS, lease
+from workers.lanes import HANDLER_SHARE, RUN_SECONDS, lease
 
 FORWARD_LUA = with_queue_job(resources.files("workers").joinpath("forward.lua").read_text())
 
@@ -165,7 +165,9 @@ async def forward_job(ctx: dict[str, Any], *, lane: int) -> int:
     job_id, job_try = str(ctx["job_id"]), int(ctx.get("job_try", 1))
     script = redis.register_script(FORWARD_LUA)
     settings = forwarder.settings
-    until = time.monotonic() + RUN_SECONDS
+    # Hand the list on well within arq's job timeout, which would cancel the run before its step
+    # takes the delivered events off: they would be sent again, forever.
+    until = time.monotonic() + min(RUN_SECONDS, settings.job_timeout_s * HANDLER_SHARE)
     delivered_total = 0
     async with lease(redis, job_id, settings.worker_lease_s):
         while True:
