@@ -32,6 +32,7 @@ from tests.receiver import FORWARD_SECRET, Receiver, Reply, serving
 from tests.redis_server import RedisProcess
 from workers.forward import BACKOFF_CAP_S, RETRY_AFTER_CAP_S, Attempt, backoff_s, retry_after
 from workers.leased_worker import LeasedWorker
+from workers.metrics import FORWARD_LAG
 from workers.settings import worker_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -389,6 +390,19 @@ async def test_deliveries_and_failures_are_counted_and_the_lag_is_set(
     assert sample("fbhook_forward_failures_total", next="retry") - before["retry"] == 1
     assert sample("fbhook_forward_attempt_seconds_count") - before["attempts"] == 4
     assert sample("fbhook_forward_lag_seconds") > 0
+
+
+async def test_the_lag_keeps_growing_while_the_bot_fails(
+    post: Post, receiver: Receiver, workers: StartWorkers
+) -> None:
+    receiver.replies = [Reply(503)]
+    FORWARD_LAG.set(0)
+    await workers(1)
+    assert (await post(p.body(p.text_message(mid="lag", sender="lag")))).status == 200
+    await wait_for(lambda: len(receiver.got) == 2)
+    await asyncio.sleep(0.1)
+    # The second try came after a backoff of at least 0.5 s: the event was that old then.
+    assert sample("fbhook_forward_lag_seconds") >= 0.5
 
 
 async def test_each_failed_attempt_logs_one_line_naming_the_event_and_never_the_secret(

@@ -111,8 +111,8 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError) as exc:
             attempt = Attempt(0, "", f"{type(exc).__name__}: {exc}"[:300])
         metrics.count_delivery(attempt.status, attempt.delivered, time.perf_counter() - started)
-        if attempt.delivered:
-            metrics.FORWARD_LAG.set(max(0.0, time.time() - record.time / 1000))
+        # Set on failures too: while the bot is down, the retried head events keep it growing.
+        metrics.FORWARD_LAG.set(max(0.0, time.time() - record.time / 1000))
         return attempt
 
 

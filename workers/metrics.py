@@ -132,7 +132,8 @@ FORWARD_SECONDS = Histogram(
 )
 FORWARD_LAG = Gauge(
     "fbhook_forward_lag_seconds",
-    "How old the last event this worker delivered was: the forward backlog's age.",
+    "How old the last event this worker tried to deliver was, delivered or not: the forward "
+    "backlog's age.",
 )
 FORWARD_FAILURES = Counter(
     "fbhook_forward_failures",
