@@ -25,6 +25,7 @@ import yaml
 
 from ingest.signature import sign
 from shared.attribution import touch_count
+from shared.sentinel import parse
 from shared.settings import _SPEC, Settings
 from tests.redis_server import RedisProcess, free_port
 
@@ -332,3 +333,132 @@ def test_service_commands_run_the_system_as_plain_processes(redis_proc: RedisPro
         for proc in procs:
             assert proc.wait(30) == 0, "a service did not stop cleanly on SIGTERM"
         client.close()
+
+
+# --- the ha profile ---------------------------------------------------------------------------
+
+HA = {name for name, spec in SERVICES.items() if "ha" in spec.get("profiles", [])}
+HA_URL = re.search(r"FBHOOK_REDIS_URL=(\S+)", (ROOT / "docker-compose.yml").read_text())[1]  # type: ignore[index]
+"""The URL the file's header comment gives for the ha profile."""
+
+
+def config_text(name: str) -> str:
+    return str(COMPOSE["configs"][name]["content"])
+
+
+def test_the_ha_profile_is_two_replicas_and_three_sentinels_around_redis() -> None:
+    assert {"redis-2", "redis-3", "sentinel-1", "sentinel-2", "sentinel-3"} == HA
+    assert all("profiles" not in SERVICES[name] for name in ("redis", "ingest", "worker"))
+    for name in sorted(HA):
+        spec = SERVICES[name]
+        assert spec["healthcheck"]["test"][0] == "CMD-SHELL", name
+        assert spec["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert spec["volumes"] == [f"{name}-data:/data"], name
+        assert f"announce-ip {name}" in spec["command"][-1], name
+    assert "replicaof redis 6379" in config_text("replica.conf").splitlines()
+    sentinel = config_text("sentinel.conf").splitlines()
+    parsed = parse(HA_URL)
+    assert f"sentinel monitor {parsed.service} redis 6379 2" in sentinel
+    assert parsed.sentinels == (("sentinel-1", 26379), ("sentinel-2", 26379),
+                                ("sentinel-3", 26379))
+    assert "--replica-announce-ip redis" in " ".join(SERVICES["redis"]["command"])
+
+
+def test_fbhook_redis_url_in_env_points_the_services_at_the_sentinels() -> None:
+    for service in ("ingest", "worker"):
+        env = container_env(service, {**CHANGED, "FBHOOK_REDIS_URL": HA_URL, "ACK_REPLICAS": "1"})
+        settings = Settings.best_effort(env)
+        assert (settings.redis_url, settings.ack_replicas) == (HA_URL, 1), service
+
+
+def _local_ha(tmp: Path) -> tuple[dict[str, int], list[tuple[list[str], Path]]]:
+    """The ha profile's servers as commands for this machine, each with the directory to run
+    in (the image's is /data): every host is 127.0.0.1, every server gets a free port, /data
+    and the mounted configs are directories under `tmp`."""
+    ports = {name: free_port() for name in ("redis", *sorted(HA))}
+
+    def local(text: str) -> str:
+        text = re.sub(r"\b(redis(?:-\d)?) 6379\b", lambda m: f"127.0.0.1 {ports[m[1]]}", text)
+        return re.sub(r"(announce-ip) (redis|sentinel)-\d", r"\1 127.0.0.1", text)
+
+    etc = tmp / "etc"
+    etc.mkdir()
+    for name in COMPOSE["configs"]:
+        (etc / name).write_text(local(config_text(name)))
+    commands = []
+    for name, port in ports.items():
+        data = tmp / name
+        data.mkdir()
+        command = SERVICES[name]["command"]
+        if name == "redis":
+            argv = [*command[:-1], "127.0.0.1", "--dir", str(data)]
+        else:
+            script = local(command[-1]).replace("/etc/fbhook", str(etc))
+            script = script.replace("/data", str(data)).replace("docker-entrypoint.sh ", "")
+            argv = [*command[:-1], script]
+        argv[-1] += "" if name == "redis" else f" --port {port} --bind 127.0.0.1"
+        if name == "redis":
+            argv += ["--port", str(port), "--bind", "127.0.0.1"]
+        commands.append((argv, data))
+    return ports, commands
+
+
+def _healthy(name: str, port: int) -> bool:
+    check = SERVICES[name]["healthcheck"]["test"][1]
+    check = check.replace("-p 26379", f"-p {port}").replace("redis-cli ", f"redis-cli -p {port} ")
+    check = check.replace(f"-p {port} -p {port}", f"-p {port}")
+    return subprocess.run(["sh", "-c", check], capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.slow
+def test_the_ha_profile_runs_as_plain_processes_and_a_failover_is_recorded_in_its_configs(
+    tmp_path: Path,
+) -> None:
+    import redis
+
+    ports, commands = _local_ha(tmp_path)
+    procs = [subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL) for argv, cwd in commands]
+    try:
+        deadline = time.monotonic() + 30
+        while not all(_healthy(name, ports[name]) for name in sorted(HA)):
+            assert time.monotonic() < deadline, "the ha profile's health checks never passed"
+            time.sleep(0.2)
+        with redis.Redis(port=ports["sentinel-1"]) as sentinel:
+            assert sentinel.execute_command(
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "fbhook") == [b"127.0.0.1",
+                                                                     str(ports["redis"]).encode()]
+            deadline = time.monotonic() + 20
+            while True:  # NOGOODSLAVE until the sentinels have looked at the replicas
+                try:
+                    sentinel.execute_command("SENTINEL", "FAILOVER", "fbhook")
+                    break
+                except redis.ResponseError as exc:
+                    assert time.monotonic() < deadline, str(exc)
+                    time.sleep(0.2)
+            replicas = {ports["redis-2"]: "redis-2", ports["redis-3"]: "redis-3"}
+            deadline = time.monotonic() + 20
+            while True:
+                _, port = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                                                      "fbhook")
+                if int(port) in replicas:
+                    break
+                assert time.monotonic() < deadline, "no replica was promoted"
+                time.sleep(0.1)
+        port = int(port)
+        promoted = replicas.pop(port)
+        [other] = replicas.values()
+        # Sentinel's CONFIG REWRITE kept each role in the server's own /data/redis.conf.
+        deadline = time.monotonic() + 20
+        while f"replicaof 127.0.0.1 {port}" not in (tmp_path / other / "redis.conf").read_text():
+            assert time.monotonic() < deadline, f"{other} was not pointed at {promoted}"
+            time.sleep(0.1)
+        assert "replicaof" not in (tmp_path / promoted / "redis.conf").read_text()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
