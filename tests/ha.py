@@ -7,14 +7,18 @@ URL the services are given.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import redis
 
 from tests.redis_server import free_port, server_binary, wait_ready
@@ -218,3 +222,48 @@ def topology(replicas: int = 2, sentinels: int = 3, appendonly: bool = True
             yield top
         finally:
             top.stop()
+
+
+# --------------------------------------------------------------------------- timed load
+
+
+@dataclass
+class Answer:
+    """One signed POST: the event ids it carried, its status (0: no answer) and when it was
+    sent and answered (time.monotonic)."""
+
+    ids: list[str]
+    status: int
+    sent_at: float
+    answered_at: float
+
+
+async def send_timed(url: str, batches: list[list[dict[str, Any]]], rate: float,
+                     concurrency: int = 8) -> list[Answer]:
+    """POST every batch at `rate` a second (later when `concurrency` answers are pending)."""
+    from tests.processes import body_of, dedupe_ids, post_signed
+
+    answers: list[Answer] = []
+    pending = list(reversed(range(len(batches))))
+    started = time.monotonic()
+
+    async def sender(session: aiohttp.ClientSession) -> None:
+        while pending:
+            n = pending.pop()
+            await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))
+            sent_at = time.monotonic()
+            status, _ = await post_signed(session, url, body_of(batches[n]))
+            answers.append(Answer(dedupe_ids(batches[n]), status, sent_at, time.monotonic()))
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+        await asyncio.gather(*(sender(s) for _ in range(concurrency)))
+    return answers
+
+
+def outage(answers: list[Answer]) -> tuple[float, float]:
+    """(seconds from the first refused answer to the last, longest time between two
+    consecutive 200 answers): how long webhooks were refused, and how long none succeeded."""
+    refused = sorted(a.answered_at for a in answers if a.status != 200)
+    ok = sorted(a.answered_at for a in answers if a.status == 200)
+    gaps = [b - a for a, b in itertools.pairwise(ok)]
+    return (refused[-1] - refused[0] if refused else 0.0), max(gaps, default=0.0)
