@@ -9,9 +9,9 @@ workers`) per case, forwarding off or on:
   paused, then drained: events/s written to the streams, and with forwarding events/s delivered
   to the bot (the time to the last one), and the worker's CPU per event;
 - acks: webhooks at `--rate` POST/s (1 event each, open loop, bench.loadgen paced) with the
-  worker live, its events forwarded as they come or not, in turns off, on, off, on: the ack
-  latency at the ingest, best run of each. Forwarding happens after the ack, in the workers: it
-  should add nothing.
+  worker live, its events forwarded as they come or not, `--pairs` runs of each in turns: the
+  ack latency at the ingest, best run of each. Forwarding happens after the ack, in the
+  workers: it should add nothing.
 """
 
 from __future__ import annotations
@@ -79,8 +79,10 @@ def receiver_app(secret: bytes) -> web.Application:
 
 
 class ForwardBench:
-    def __init__(self, bench: Bench, events: int, rate: float, seconds: float) -> None:
+    def __init__(self, bench: Bench, events: int, rate: float, seconds: float,
+                 pairs: int) -> None:
         self.bench, self.events, self.rate, self.seconds = bench, events, rate, seconds
+        self.pairs = pairs
         self.bot_port, self.ingest_port = free_port(), free_port()
         self.forwarding = {"FORWARD_URL": f"http://127.0.0.1:{self.bot_port}/webhook",
                            "FORWARD_SECRET": FORWARD_SECRET}
@@ -98,7 +100,7 @@ class ForwardBench:
         out["backlog_on"] = self.backlog(forward=True)
         bench.log(f"webhook acks at {self.rate:,.0f} POST/s, one worker live")
         runs: dict[bool, list[Point]] = {False: [], True: []}
-        for forward in (False, True, False, True):
+        for forward in (False, True) * self.pairs:
             runs[forward].append(self.acks(forward))
         out["acks_off"] = min(runs[False], key=lambda p: p["p99_ms"])
         out["acks_on"] = min(runs[True], key=lambda p: p["p99_ms"])
@@ -200,8 +202,8 @@ def table(r: dict[str, Any]) -> str:
         "",
         f"Backlog: {on['deliveries']:,} POSTs for {on['events']:,} events, "
         f"{on['bad_signatures']} refused. Acks: {r['seconds']:.0f} s a run, 1 event per POST, "
-        "runs off, on, off, on; the run with the lower p99 of each is the figure, every run in "
-        "brackets. Every acked event of the runs with forwarding reached the bot.",
+        "runs off and on in turns; the run with the lower p99 of each is the figure, every run "
+        "in brackets, in order. Every acked event of the runs with forwarding reached the bot.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -216,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20_000, help="backlog size")
     parser.add_argument("--rate", type=float, default=500.0, help="POST/s for the ack runs")
-    parser.add_argument("--seconds", type=float, default=6.0, help="per ack run (4 runs)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per ack run")
+    parser.add_argument("--pairs", type=int, default=3,
+                        help="ack runs without and with forwarding, in turns (default: 3 each)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results",
                         help="where forward.json goes")
     args = parser.parse_args(argv)
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         env = service_env(secret, server.url)
         bench = Bench(QUICK, server.url, server.process.pid, Path(tmp), secret.encode(), env)
         try:
-            result = ForwardBench(bench, args.events, args.rate, args.seconds).run()
+            result = ForwardBench(bench, args.events, args.rate, args.seconds,
+                                  args.pairs).run()
         finally:
             bench.procs.stop_all()
     args.out.mkdir(parents=True, exist_ok=True)
