@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
@@ -26,10 +27,11 @@ from redis.asyncio import Redis
 from shared.errors import ConfigError
 from shared.lanes import lane_of
 from shared.settings import Settings
+from shared.signing import sign
 from tests import payloads as p
 from tests.conftest import SECRET, Post, stream_rows
 from tests.receiver import FORWARD_SECRET, Receiver, Reply, serving
-from tests.redis_server import RedisProcess
+from tests.redis_server import RedisProcess, free_port
 from workers.forward import BACKOFF_CAP_S, RETRY_AFTER_CAP_S, Attempt, backoff_s, retry_after
 from workers.leased_worker import LeasedWorker
 from workers.metrics import FORWARD_LAG
@@ -497,6 +499,35 @@ async def test_forward_dead_letters_are_listed_replayed_at_the_end_of_their_lane
     assert code == 0 and "1 forward dead letter purged" in out
     code, out, _ = await fbhook("forward", "dead", "list", redis_url=url)
     assert out.strip() == "no forward dead letters"
+
+
+async def test_the_demo_receiver_prints_what_the_workers_forward_and_refuses_a_bad_signature(
+    post: Post, workers: StartWorkers
+) -> None:
+    port = free_port()
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "forward", "demo-receiver", "--port", str(port),
+        "--secret", FORWARD_SECRET.decode(), cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    assert demo.stdout is not None
+    try:
+        first = await asyncio.wait_for(demo.stdout.readline(), 30)
+        assert f"listening on http://127.0.0.1:{port}/webhook" in first.decode()
+        bad = {"X-Hub-Signature-256": sign(b"not-the-secret", b"{}")}
+        async with aiohttp.ClientSession() as session, session.post(
+                f"http://127.0.0.1:{port}/webhook", data=b"{}", headers=bad) as answer:
+            assert answer.status == 403
+        assert b"403" in await asyncio.wait_for(demo.stdout.readline(), 10)
+        await workers(1, forward_url=f"http://127.0.0.1:{port}/webhook")
+        assert (await post(p.body(p.shortlink_referral("demo", sender="demo")))).status == 200
+        printed = (await asyncio.wait_for(demo.stdout.readline(), 20)).decode()
+        assert printed.startswith("h:") and "kind=referral  referral=1" in printed
+        assert '"_fbRefParam": "demo"' in printed
+        body = json.loads(await asyncio.wait_for(demo.stdout.readline(), 10))
+        assert body["entry"][0]["messaging"][0]["referral"]["ref"] == "demo"
+    finally:
+        demo.terminate()
+        await demo.wait()
 
 
 # --------------------------------------------------------------------------- units
