@@ -16,15 +16,16 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
@@ -37,6 +38,13 @@ TLS_OPTIONS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cer
 FOLLOW_INTERVAL_S = 0.5
 """How often a pool asks the sentinels where the primary is. Sentinels name the new primary
 about a second after a promotion; a client then leaves the old one within this much more."""
+
+HOLD_S = 5.0
+"""The longest a pool holds its connections once a failover started (`+try-failover`) and no
+majority of the sentinels names a new primary: then it goes back to the old one. Sentinels name
+the new primary about a second after the start."""
+
+EVENTS = ("+try-failover", "+failover-end", "+switch-master")
 
 Address = tuple[str, int]
 
@@ -126,34 +134,64 @@ def following_pool(url: str, **connection_kwargs: Any) -> FollowingPool:
 
 
 class FollowingPool(SentinelConnectionPool):
-    """A Sentinel pool whose connections never stay on a server the sentinels no longer name.
+    """A Sentinel pool whose connections never stay on a server the sentinels no longer name,
+    and that stops writing as soon as a failover starts.
 
-    A background task, started with the first connection the pool hands out and stopped when
-    the pool is closed, asks the sentinels every FOLLOW_INTERVAL_S. A primary is believed only
-    when a majority of the sentinels of the URL name it: a sentinel cut off from the others may
-    still name the old one.
+    Two kinds of background task start with the first connection the pool hands out and stop
+    when it is closed. The follower asks the sentinels every FOLLOW_INTERVAL_S; a primary is
+    believed only when a majority of the sentinels of the URL name it (a sentinel cut off from
+    the others may still name the old one). A listener per sentinel hears `+try-failover`, which
+    the sentinel leading a failover announces about 0.2 s before it promotes a replica: the
+    pool then holds (closes every connection and lets new ones wait) until a majority names
+    another primary, the failover is called off, or HOLD_S pass. Writes then never land on the
+    old primary after the promotion, even during a plain `SENTINEL FAILOVER`.
     """
 
     def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
-        self._follower: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._held_from: Address | None = None
+        self._hold_until = 0.0
+        self._released = asyncio.Event()
+        self._wake = asyncio.Event()
         self.switches = 0
         """How many times the primary changed under this pool (for tests and logs)."""
 
     def get_available_connection(self) -> Connection:
-        if self._follower is None or self._follower.done():
-            self._follower = asyncio.get_running_loop().create_task(
-                _follow(weakref.ref(self)), name=f"follow-primary-{self.service_name}")
+        if not self._tasks or any(t.done() for t in self._tasks):
+            self._start_tasks()
         connection: Connection = super().get_available_connection()  # type: ignore[no-untyped-call]
         return connection
 
+    def _start_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        loop, ref = asyncio.get_running_loop(), weakref.ref(self)
+        self._tasks = [loop.create_task(_follow(ref), name=f"follow-{self.service_name}")]
+        self._tasks += [loop.create_task(_listen(ref, s), name=f"listen-{self.service_name}")
+                        for s in self.sentinel_manager.sentinels]
+
+    @property
+    def holding(self) -> bool:
+        return time.monotonic() < self._hold_until
+
     async def get_master_address(self) -> Address:
-        """Where a new connection goes: the primary a majority of the sentinels name."""
+        """Where a new connection goes: the primary a majority of the sentinels name, once no
+        failover is under way (waited for as long as a connection may take to open)."""
+        if self.holding:
+            wait = self.connection_kwargs.get("socket_connect_timeout") or HOLD_S
+            try:
+                await asyncio.wait_for(self._released.wait(), min(wait, HOLD_S))
+            except TimeoutError:
+                raise MasterNotFoundError(f"a failover of {self.service_name!r} is under way"
+                                          ) from None
         address = await ask_sentinels(self.sentinel_manager.sentinels, self.service_name)
         if address is None:
             raise MasterNotFoundError(
                 f"no majority of the {len(self.sentinel_manager.sentinels)} sentinels names a "
                 f"primary for {self.service_name!r}")
+        if self.holding and address == self._held_from:
+            raise MasterNotFoundError(f"a failover of {self.service_name!r} is under way")
         await self.follow(address)
         return address
 
@@ -164,23 +202,54 @@ class FollowingPool(SentinelConnectionPool):
             log.warning("Redis primary for %s is now %s:%d (was %s:%d)", self.service_name,
                         *address, *self.master_address)
         self.master_address = address
-        stale = [c for c in chain(self._available_connections, self._in_use_connections)
-                 if c.is_connected and _address_of(c) != address]
-        await asyncio.gather(*(c.disconnect(nowait=True) for c in stale), return_exceptions=True)
+        if address != self._held_from:
+            self.resume()
+        await self._close(lambda c: _address_of(c) != address)
+
+    async def hold(self) -> None:
+        """A failover started: no connection until the sentinels name the new primary."""
+        if not self.holding:
+            log.warning("Redis failover of %s under way: writes wait", self.service_name)
+            self._held_from = self.master_address
+            self._released.clear()
+        self._hold_until = time.monotonic() + HOLD_S
+        self._wake.set()
+        await self._close(lambda c: True)
+
+    def resume(self) -> None:
+        """The failover is over (or called off): connections may open again."""
+        self._hold_until = 0.0
+        self._held_from = None
+        self._released.set()
+
+    async def on_event(self, channel: str, data: str) -> None:
+        """A sentinel's announcement about some primary; those about ours matter."""
+        words = data.split()
+        if channel == "+switch-master" and words[:1] == [self.service_name]:
+            self._wake.set()  # ask the majority now
+        elif words[:2] == ["master", self.service_name]:
+            if channel == "+try-failover":
+                await self.hold()
+            else:  # +failover-end, -failover-abort-*
+                self.resume()
+
+    async def _close(self, which: Callable[[AbstractConnection], bool]) -> None:
+        chosen = [c for c in chain(self._available_connections, self._in_use_connections)
+                  if c.is_connected and which(c)]
+        await asyncio.gather(*(c.disconnect(nowait=True) for c in chosen), return_exceptions=True)
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
-        """Closing the pool (every connection) also stops its follower and the sentinel
-        clients; closing only the idle connections does not."""
+        """Closing the pool (every connection) also stops its tasks and the sentinel clients;
+        closing only the idle connections does not."""
         if inuse_connections:
-            await self._stop_following()
+            await self._stop_tasks()
         await super().disconnect(inuse_connections)
 
-    async def _stop_following(self) -> None:
-        follower, self._follower = self._follower, None
-        if follower is not None and follower is not asyncio.current_task():
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+    async def _stop_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(s.aclose() for s in self.sentinel_manager.sentinels),
                              return_exceptions=True)
 
@@ -191,13 +260,41 @@ def _address_of(connection: object) -> Address | None:
 
 
 async def _follow(ref: weakref.ref[FollowingPool]) -> None:
-    """The follower's loop; it holds its pool only weakly, so a pool nobody closes still goes."""
+    """The follower's loop; it holds its pool only weakly, so a pool nobody closes still goes.
+    While a failover is under way it asks ten times as often."""
     while (pool := ref()) is not None:
         address = await ask_sentinels(pool.sentinel_manager.sentinels, pool.service_name)
-        if address is not None:
+        if address is not None and not (pool.holding and address == pool._held_from):
             await pool.follow(address)
+        elif pool._hold_until and not pool.holding:
+            pool.resume()  # HOLD_S passed without a new primary: back to the old one
+        wake, interval = pool._wake, FOLLOW_INTERVAL_S / (10 if pool.holding else 1)
         del pool
-        await asyncio.sleep(FOLLOW_INTERVAL_S)
+        wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval)
+
+
+async def _listen(ref: weakref.ref[FollowingPool], sentinel: Redis) -> None:
+    """Hand one sentinel's failover announcements to the pool; resubscribe after an error."""
+    while ref() is not None:
+        try:
+            async with sentinel.pubsub() as subscription:
+                await subscription.subscribe(*EVENTS)
+                await subscription.psubscribe("-failover-abort-*")
+                while (pool := ref()) is not None:
+                    del pool
+                    message = await subscription.get_message(ignore_subscribe_messages=True,
+                                                             timeout=1.0)
+                    if message is not None and (pool := ref()) is not None:
+                        await pool.on_event(_text(message["channel"]), _text(message["data"]))
+                        del pool
+        except (RedisError, OSError):
+            await asyncio.sleep(1.0)
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 async def ask_sentinels(sentinels: Sequence[Redis], service: str) -> Address | None:
