@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis import exceptions
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -16,6 +18,12 @@ from shared.settings import Settings
 
 ACK_CHANNEL = "fb:ack"
 """`wait_replicas` publishes an empty message here (nobody listens): see why there."""
+
+
+class ReadOnlyError(RedisConnectionError, exceptions.ReadOnlyError):
+    """READONLY from a server that became a replica, raised as a connection error as well, so
+    that redis-py sends the command again on a new connection (with the server's own words,
+    which /readyz shows)."""
 
 
 class NotReplicated(QueueUnavailable):
@@ -38,7 +46,34 @@ def pool_for(settings: Settings, *, socket_timeout: float | None,
     }
     if sentinel.is_sentinel_url(settings.redis_url):
         return sentinel.following_pool(settings.redis_url, **options)
-    return ConnectionPool.from_url(settings.redis_url, **options)
+    pool = ConnectionPool.from_url(settings.redis_url, **options)
+    pool.connection_class = _leaving_replicas(pool.connection_class)
+    return pool
+
+
+class _LeavesReplicas(AbstractConnection):
+    """A connection that closes itself when its server answers READONLY, as a primary demoted
+    to a replica does: behind a managed Redis's one address (which the provider points at the
+    new primary), the command's retry then opens a connection to wherever that address leads
+    now, instead of failing on the old server until it drops its clients. (Sentinel
+    connections do the same: redis-py's SentinelManagedConnection.)"""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except exceptions.ReadOnlyError as exc:
+            await self.disconnect(nowait=True)
+            raise ReadOnlyError(*exc.args) from None
+
+
+_LEAVING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _leaving_replicas(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`base` (plain, TLS or Unix socket, as the URL says) with `_LeavesReplicas`."""
+    if base not in _LEAVING:
+        _LEAVING[base] = type(base.__name__, (_LeavesReplicas, base), {})
+    return _LEAVING[base]
 
 
 def connect(settings: Settings, *, read_timeout_s: float | None = None) -> Redis:

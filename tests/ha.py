@@ -267,3 +267,49 @@ def outage(answers: list[Answer]) -> tuple[float, float]:
     ok = sorted(a.answered_at for a in answers if a.status == 200)
     gaps = [b - a for a, b in itertools.pairwise(ok)]
     return (refused[-1] - refused[0] if refused else 0.0), max(gaps, default=0.0)
+
+
+# --------------------------------------------------------------------------- one address
+
+
+class Endpoint:
+    """One address in front of a Redis, as a managed service gives: a TCP proxy whose target
+    port can be changed (the provider pointing its address at the new primary). Connections
+    already open stay with the server they were opened to."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Endpoint:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            sink.close()

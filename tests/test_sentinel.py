@@ -25,7 +25,7 @@ from shared.errors import ConfigError
 from shared.redis import NotReplicated, connect, wait_replicas
 from shared.sentinel import DEFAULT_PORT, FOLLOW_INTERVAL_S, SentinelURL, parse
 from shared.settings import Settings, redact_url
-from tests.ha import SERVICE, Answer, Node, Topology, outage, send_timed, topology
+from tests.ha import SERVICE, Answer, Endpoint, Node, Topology, outage, send_timed, topology
 from tests.processes import message_item, processed_ids, services, wait_processed
 
 FOUND_WITHIN_S = 2.0
@@ -156,6 +156,30 @@ async def test_a_call_that_wrote_nothing_still_waits_for_the_writes_before_it(
                 os.kill(_pid(replicated.data[1]), signal.SIGCONT)
             await other.get("reconnect")
             await wait_replicas(other, 1, 2000)
+
+
+@pytest.mark.slow
+async def test_behind_one_address_a_client_leaves_a_primary_that_answers_readonly(
+    replicated: Topology,
+) -> None:
+    """A managed Redis fails over behind one address: the old primary becomes a replica and
+    answers READONLY on the connections still open to it. The write is sent again on a new
+    connection, which the address now leads to the new primary."""
+    old, new = replicated.data
+    async with Endpoint(old.port) as address:
+        client = connect(Settings.for_tools({"REDIS_URL": f"redis://127.0.0.1:{address.port}/0"}))
+        try:
+            await client.set("where", "old")
+            with new.client() as c:
+                c.execute_command("REPLICAOF", "NO", "ONE")
+            with old.client() as c:
+                c.execute_command("REPLICAOF", "127.0.0.1", str(new.port))
+            address.target = new.port
+            await client.set("where", "new")
+        finally:
+            await client.aclose()
+    with new.client() as c:
+        assert c.get("where") == b"new"
 
 
 def _pid(node: Node) -> int:
