@@ -7,6 +7,7 @@ The slow tests print what they measured (pytest -s): docs/failover.md quotes tho
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import signal
@@ -15,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -93,6 +95,33 @@ def test_ack_replicas_is_zero_unless_set_and_refuses_what_is_not_a_count() -> No
 
 
 # --------------------------------------------------------------------------- WAIT
+
+
+async def test_with_ack_replicas_and_no_replica_a_webhook_gets_503_and_its_retry_200_once_off(
+    aiohttp_client: Any, settings: Settings, redis: Redis,
+) -> None:
+    """The test Redis has no replica: with ACK_REPLICAS=1 the events are queued but not
+    confirmed, so Facebook is told 503; its retry, once ACK_REPLICAS is 0, finds them queued."""
+    import json
+
+    from ingest.app import create_app
+    from ingest.signature import sign
+    from tests import payloads as p
+    from tests.conftest import SECRET
+
+    body = json.dumps(p.body(p.text_message(mid="ack-1"))).encode()
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sign(SECRET, body)}
+    answers = []
+    for replicas in (1, 0):
+        app = create_app(dataclasses.replace(settings, ack_replicas=replicas,
+                                             redis_timeout_s=0.3))
+        client = await aiohttp_client(app)
+        answers.append((await client.post("/webhook", data=body, headers=headers)).status)
+        await client.close()
+    assert answers == [503, 200]
+    assert await redis.zcard(settings.queue_name) == 1  # queued once, by the first try
+
+
 
 
 @pytest.fixture
