@@ -9,7 +9,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.redis import connect
+from shared.redis import connect, wait_replicas
 from shared.settings import Settings, redact_url
 
 
@@ -76,9 +76,29 @@ async def _check_redis(settings: Settings, timeout_s: float) -> bool:
         if policy not in {None, "noeviction"}:
             print(f"  warning: maxmemory-policy is {policy}: Redis may evict queued jobs and "
                   "attribution records when full; use noeviction")
-        return True
+        return await _replicas_confirm(client, settings.ack_replicas, timeout_s)
     finally:
         await client.aclose()
+
+
+async def _replicas_confirm(client: Redis, replicas: int, timeout_s: float) -> bool:
+    """With ACK_REPLICAS set, whether that many replicas confirm a write (as the ingest asks
+    after every enqueue): a Redis without them, or one that refuses WAIT (some managed
+    services), would have every webhook answered 503."""
+    if not replicas:
+        return True
+    one = Redis(connection_pool=client.connection_pool, single_connection_client=True)
+    try:
+        await one.ping()
+        await wait_replicas(one, replicas, max(1, int(timeout_s * 1000)))
+    except Exception as exc:  # noqa: BLE001 - whatever the failure, report it
+        print(f"  ACK_REPLICAS={replicas}: NOT confirmed, every webhook would get 503: "
+              f"{str(exc) or type(exc).__name__}")
+        return False
+    finally:
+        await one.aclose()
+    print(f"  ACK_REPLICAS={replicas}: {replicas} replica(s) confirmed a write")
+    return True
 
 
 async def _maxmemory_policy(client: Redis) -> str | None:

@@ -97,6 +97,18 @@ def test_ack_replicas_is_zero_unless_set_and_refuses_what_is_not_a_count() -> No
 # --------------------------------------------------------------------------- WAIT
 
 
+def test_check_config_fails_when_redis_lacks_the_replicas_ack_replicas_asks_for(
+    redis_proc: Any,
+) -> None:
+    from tests.test_cli import fbhook_sync, full_env
+
+    done = fbhook_sync("check-config", "--timeout", "0.3",
+                       env=full_env(redis_proc.url, ACK_REPLICAS="1"))
+    assert done.code == 1, done
+    assert ("ACK_REPLICAS=1: NOT confirmed, every webhook would get 503: 0 of 1 replicas "
+            "confirmed the events within 300 ms") in done.out
+
+
 async def test_with_ack_replicas_and_no_replica_a_webhook_gets_503_and_its_retry_200_once_off(
     aiohttp_client: Any, settings: Settings, redis: Redis,
 ) -> None:
@@ -449,11 +461,12 @@ def test_every_cli_command_reads_redis_through_the_sentinels_and_failover_moves_
 
     with ha.primary().client() as c:
         entry = c.xadd("fb:events:message", {"id": "m1", "event": "{}"}).decode()
-    env = full_env(ha.url)
+    env = full_env(ha.url, ACK_REPLICAS="2")
     old = ha.primary()
     done = fbhook_sync("check-config", env=env)
     assert done.code == 0, done
     assert f"the sentinels name the primary 127.0.0.1:{old.port}" in done.out
+    assert "ACK_REPLICAS=2: 2 replica(s) confirmed a write" in done.out
     for args, shows in [
         (["events", "list"], f"fb:events:message           1  {entry}"),
         (["events", "tail", "--from-start", "--count", "1", "message"], f'"entry_id": "{entry}"'),
