@@ -448,9 +448,11 @@ def test_the_ha_profile_runs_as_plain_processes_and_a_failover_is_recorded_in_it
         promoted = replicas.pop(port)
         [other] = replicas.values()
         # Sentinel's CONFIG REWRITE kept each role in the server's own /data/redis.conf.
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while f"replicaof 127.0.0.1 {port}" not in (tmp_path / other / "redis.conf").read_text():
-            assert time.monotonic() < deadline, f"{other} was not pointed at {promoted}"
+            assert time.monotonic() < deadline, (
+                f"{other} was not pointed at {promoted}:\n"
+                + (tmp_path / other / "redis.conf").read_text())
             time.sleep(0.1)
         assert "replicaof" not in (tmp_path / promoted / "redis.conf").read_text()
     finally:
