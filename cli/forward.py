@@ -268,11 +268,13 @@ def run_demo(args: argparse.Namespace) -> int:
     secret = args.secret.encode() if args.secret else Settings.for_tools().forward_secret
     if not secret:
         raise CommandFailed("demo-receiver: give --secret, or set FORWARD_SECRET")
-    print(f"fbhook forward demo-receiver: listening on http://127.0.0.1:{args.port}/webhook; "
-          f"run the workers with FORWARD_URL=http://127.0.0.1:{args.port}/webhook and the same "
-          "FORWARD_SECRET", flush=True)
+    ready = (f"fbhook forward demo-receiver: listening on http://127.0.0.1:{args.port}/webhook; "
+             f"run the workers with FORWARD_URL=http://127.0.0.1:{args.port}/webhook and the "
+             "same FORWARD_SECRET")
     try:
-        web.run_app(demo_app(secret), host="127.0.0.1", port=args.port, print=None)
+        # run_app calls `print` once the port is bound: the line then means it is ready.
+        web.run_app(demo_app(secret), host="127.0.0.1", port=args.port,
+                    print=lambda _: print(ready, flush=True))
     except OSError as exc:
         raise CommandFailed(f"demo-receiver: cannot listen on port {args.port}: {exc}") from None
     return 0
