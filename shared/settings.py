@@ -160,6 +160,10 @@ class Settings:
         if settings.forward_url and not settings.forward_secret:
             raise ConfigError("FORWARD_SECRET is required when FORWARD_URL is set: the bot checks "
                               "the X-Hub-Signature-256 it signs")
+        if settings.forward_url and settings.forward_concurrency >= settings.worker_max_jobs:
+            raise ConfigError("FORWARD_CONCURRENCY must be less than WORKER_MAX_JOBS "
+                              f"({settings.worker_max_jobs}): forward runs would leave the lanes "
+                              f"no job slot, got {settings.forward_concurrency}")
         if settings.forward_url and settings.forward_timeout_s >= settings.job_timeout_s / 2:
             # A forward run sends for up to half the job timeout, then one POST may take this.
             raise ConfigError("FORWARD_TIMEOUT_SECONDS must be less than half of "

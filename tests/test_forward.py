@@ -361,6 +361,33 @@ async def test_a_run_hands_its_list_on_within_the_job_timeout_so_nothing_is_sent
     assert receiver.delivered_ids() == [f"message:jt-{n}" for n in range(12)]
 
 
+async def test_a_bot_that_hangs_holds_no_job_slot_the_lanes_need(
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers
+) -> None:
+    receiver.hold_after = 0  # every POST hangs until the gate opens
+    await workers(1, worker_max_jobs=8, forward_concurrency=4, forward_timeout_s=20)
+    fill = [p.text_message(mid=f"fill-{u}", sender=f"fill-{u}") for u in range(100)]
+    assert (await post(p.body(*fill))).status == 200
+    await wait_for(lambda: receiver.in_flight == 4)
+    attempts = sample("fbhook_forward_attempt_seconds_count")
+    await asyncio.sleep(0.5)  # the other forward jobs come round meanwhile, and find no run slot
+
+    probes = [p.text_message(mid=f"probe-{u}", sender=f"probe-{u}") for u in range(5)]
+    assert (await post(p.body(*probes))).status == 200
+
+    async def probes_written() -> bool:
+        ids = {r["id"] for r in await stream_rows(redis, "message")}
+        return {f"message:probe-{u}" for u in range(5)} <= ids
+
+    await wait_for(probes_written, 30)
+    # Written while every POST still hung: no forward job kept the lanes from a job slot.
+    assert sample("fbhook_forward_attempt_seconds_count") == attempts
+    assert receiver.in_flight == 4
+    receiver.gate.set()
+    await wait_for(lambda: len(set(receiver.delivered_ids())) == 105, 60)
+    assert receiver.most_in_flight == 4
+
+
 async def test_forward_concurrency_bounds_the_posts_a_worker_has_in_flight(
     post: Post, receiver: Receiver, workers: StartWorkers
 ) -> None:
@@ -541,6 +568,8 @@ def test_forward_settings_need_a_secret_and_a_timeout_under_half_the_job_timeout
     with_secret = {**base, "FORWARD_SECRET": "bot-forward-secret"}
     with pytest.raises(ConfigError, match="FORWARD_TIMEOUT_SECONDS must be less than half"):
         Settings.from_env({**with_secret, "FORWARD_TIMEOUT_SECONDS": "30"})
+    with pytest.raises(ConfigError, match="FORWARD_CONCURRENCY must be less than WORKER_MAX_JOBS"):
+        Settings.from_env({**with_secret, "FORWARD_CONCURRENCY": "8", "WORKER_MAX_JOBS": "8"})
     settings = Settings.from_env({**with_secret, "FORWARD_TIMEOUT_SECONDS": "29.5",
                                   "FORWARD_KINDS": "message, postback,"})
     assert (settings.forward_timeout_s, settings.forward_kinds) == (

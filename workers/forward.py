@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import aiohttp
 import msgspec
 from arq.constants import job_key_prefix, retry_key_prefix
+from arq.worker import Retry
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -47,6 +48,9 @@ BATCH = 100
 """Events a step reads from its list (delivered one by one, then taken off together)."""
 
 BACKOFF_CAP_S = 300.0
+BUSY_DEFER_S = 1.0
+"""How long a forward job waits, outside the worker's job slots, when FORWARD_CONCURRENCY runs
+are going: this times its tries, at most FORWARD_TIMEOUT_SECONDS, with jitter."""
 RETRY_AFTER_CAP_S = 3600.0
 
 log = logging.getLogger("fbhook.forward")
@@ -77,7 +81,9 @@ class Forwarder:
     settings: Settings
     session: aiohttp.ClientSession
     slots: asyncio.Semaphore
-    """FORWARD_CONCURRENCY: POSTs this worker has in flight at once, at most."""
+    """FORWARD_CONCURRENCY: forward runs, so POSTs, this worker has at once, at most. A run holds
+    one from start to end; a job that finds none free is deferred, not left waiting in one of
+    the worker's WORKER_MAX_JOBS job slots, which the lanes need while the bot hangs."""
 
     @classmethod
     def start(cls, settings: Settings) -> Forwarder:
@@ -102,7 +108,7 @@ class Forwarder:
         }
         started = time.perf_counter()
         try:
-            async with self.slots, self.session.post(
+            async with self.session.post(
                 self.settings.forward_url, data=body, headers=headers, allow_redirects=False,
             ) as answer:
                 text = (await answer.content.read(500)).decode(errors="replace")
@@ -169,7 +175,10 @@ async def forward_job(ctx: dict[str, Any], *, lane: int) -> int:
     # takes the delivered events off: they would be sent again, forever.
     until = time.monotonic() + min(RUN_SECONDS, settings.job_timeout_s * HANDLER_SHARE)
     delivered_total = 0
-    async with lease(redis, job_id, settings.worker_lease_s):
+    if forwarder.slots.locked():  # longer each time: a slot frees when a run ends
+        wait = min(BUSY_DEFER_S * job_try, settings.forward_timeout_s)
+        raise Retry(defer=wait * random.uniform(0.5, 1.5))
+    async with forwarder.slots, lease(redis, job_id, settings.worker_lease_s):
         while True:
             items: list[bytes] = await redis.lrange(  # type: ignore[misc]
                 keys.forward_lane(lane), 0, BATCH - 1)
