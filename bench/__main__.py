@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report, report_cost
+from bench import forward, report, report_cost
 from bench.load import disable_wrk, generator_name
 from bench.plan import FULL, QUICK
 from bench.procs import REPO, service_env
@@ -47,6 +47,8 @@ def main() -> int:
             results["peer"] = {**ingest["peer"], **bench.peer()}
             results["project"] = {**ingest["project"], **bench.project()}
             results["report_cost"] = report_cost.measure(bench)
+            bench.log("forwarding to a local bot (bench.forward)")
+            results["forward"] = forward.ForwardBench(bench, 20_000, 500.0, 5.0, 2).run()
         finally:
             bench.procs.stop_all()
             _keep_logs(Path(tmp) / "logs", args.out / "logs")

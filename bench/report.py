@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import report_cost
+from bench import forward, report_cost
 
 Point = dict[str, Any]
 
@@ -247,6 +247,8 @@ def render(r: dict[str, Any]) -> str:
         + "\n\n### CPU use (% of one core)\n\n" + cpu_table(r) + "\n"
         + ("\n### The report's cost (bench.report_cost)\n\n"
            + report_cost.table(r["report_cost"]) if "report_cost" in r else "")
+        + ("\n\n### Forwarding to a bot that answers at once (bench.forward)\n\n"
+           + forward.table(r["forward"]) if "forward" in r else "")
     )
 
 
