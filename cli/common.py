@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
@@ -79,3 +80,29 @@ async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+Change = Callable[[Redis, Settings, "list[str] | None"], Awaitable[int]]
+
+
+def run_dead_letter_change(args: argparse.Namespace, *, name: str, stream: str, replayed: str,
+                           replay: Change, purge: Change) -> int:
+    """`replay` or `purge` (args.change) of the dead letters `args.ids`, or all with `--all`;
+    exit 1 when some given ids were not in `stream`. Shared by `dead-letters` and `forward dead`."""
+    if args.all == bool(args.ids):
+        raise CommandFailed(f"{name} {args.change}: give entry ids or --all (not both)")
+    settings = tool_settings(args)
+    ids: list[str] | None = None if args.all else list(dict.fromkeys(args.ids))
+
+    async def change() -> int:
+        async with open_redis(settings) as redis:
+            return await (replay if args.change == "replay" else purge)(redis, settings, ids)
+
+    count = asyncio.run(change())
+    done = replayed if args.change == "replay" else "purged"
+    print(f"{count} {name} letter{'' if count == 1 else 's'} {done}")
+    given = len(dict.fromkeys(args.ids))
+    if count < given:
+        print(f"{given - count} of the given ids were not {done} (not in {stream})")
+        return 1
+    return 0

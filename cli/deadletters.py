@@ -8,13 +8,16 @@ import json
 import time
 from dataclasses import asdict
 
+from redis.asyncio import Redis
+
 from cli.common import (
-    CommandFailed,
     add_redis_option,
     open_redis,
     positive_int,
+    run_dead_letter_change,
     tool_settings,
 )
+from shared.settings import Settings
 from workers import deadletters
 
 
@@ -79,22 +82,9 @@ async def _list(args: argparse.Namespace) -> list[deadletters.DeadLetter]:
 
 
 def run_change(args: argparse.Namespace) -> int:
-    if args.all == bool(args.ids):
-        raise CommandFailed(f"{args.change}: give entry ids or --all (not both)")
-    count = asyncio.run(_change(args))
-    done = "queued again" if args.change == "replay" else "purged"
-    print(f"{count} dead letter{'' if count == 1 else 's'} {done}")
-    given = len(dict.fromkeys(args.ids))
-    if count < given:
-        print(f"{given - count} of the given ids were not in fb:dead")
-        return 1
-    return 0
+    return run_dead_letter_change(args, name="dead", stream="fb:dead", replayed="queued again",
+                                  replay=deadletters.replay, purge=_purge)
 
 
-async def _change(args: argparse.Namespace) -> int:
-    settings = tool_settings(args)
-    ids: list[str] | None = None if args.all else list(dict.fromkeys(args.ids))
-    async with open_redis(settings) as redis:
-        if args.change == "replay":
-            return await deadletters.replay(redis, settings, ids)
-        return await deadletters.purge(redis, ids)
+async def _purge(redis: Redis, settings: Settings, ids: list[str] | None) -> int:
+    return await deadletters.purge(redis, ids)

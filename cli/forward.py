@@ -26,6 +26,7 @@ from cli.common import (
     add_redis_option,
     open_redis,
     positive_int,
+    run_dead_letter_change,
     tool_settings,
 )
 from shared import keys
@@ -220,25 +221,13 @@ async def _list(args: argparse.Namespace) -> list[ForwardDead]:
 
 
 def run_change(args: argparse.Namespace) -> int:
-    if args.all == bool(args.ids):
-        raise CommandFailed(f"forward dead {args.change}: give entry ids or --all (not both)")
-    count = asyncio.run(_change(args))
-    done = "queued to be sent again" if args.change == "replay" else "purged"
-    print(f"{count} forward dead letter{'' if count == 1 else 's'} {done}")
-    given = len(dict.fromkeys(args.ids))
-    if count < given:
-        print(f"{given - count} of the given ids were not replayed (not in fb:fwd:dead)")
-        return 1
-    return 0
+    return run_dead_letter_change(args, name="forward dead", stream="fb:fwd:dead",
+                                  replayed="queued to be sent again", replay=replay,
+                                  purge=_purge)
 
 
-async def _change(args: argparse.Namespace) -> int:
-    settings = tool_settings(args)
-    ids: list[str] | None = None if args.all else list(dict.fromkeys(args.ids))
-    async with open_redis(settings) as redis:
-        if args.change == "replay":
-            return await replay(redis, settings, ids)
-        return await purge(redis, ids)
+async def _purge(redis: Redis, settings: Settings, ids: list[str] | None) -> int:
+    return await purge(redis, ids)
 
 
 # --------------------------------------------------------------------------- demo receiver
