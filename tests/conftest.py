@@ -111,3 +111,45 @@ async def stream_rows(redis: Redis, kind: str | None = None) -> list[dict[str, s
         for _, fields in await redis.xrange(name):
             rows.append({k.decode(): v.decode() for k, v in fields.items()})
     return rows
+
+
+RunWorkers = Callable[[Settings, int], Awaitable[None]]
+
+
+@pytest.fixture
+async def run_workers() -> AsyncIterator[RunWorkers]:
+    """start(settings, count): `count` real workers in this process, polling until the test ends
+    (then stopped: polling first, then each closes its jobs and pool)."""
+    import asyncio
+
+    import workers.handlers  # noqa: F401
+
+    started: list[Worker] = []
+    mains: list[asyncio.Task[None]] = []
+
+    async def start(config: Settings, count: int) -> None:
+        for _ in range(count):
+            worker = Worker(**worker_settings(config), handle_signals=False)
+            started.append(worker)
+            mains.append(asyncio.get_running_loop().create_task(worker.main()))
+
+    yield start
+    for task in mains:
+        task.cancel()
+    await asyncio.gather(*mains, return_exceptions=True)
+    for worker in started:
+        await worker.close()
+
+
+async def wait_for(predicate: Callable[[], Any], seconds: float = 30) -> None:
+    """Until `predicate()` (a value or an awaitable) is true; AssertionError after `seconds`."""
+    import asyncio
+
+    for _ in range(int(seconds / 0.05)):
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")

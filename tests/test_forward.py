@@ -29,13 +29,11 @@ from shared.lanes import lane_of
 from shared.settings import Settings
 from shared.signing import sign
 from tests import payloads as p
-from tests.conftest import SECRET, Post, stream_rows
+from tests.conftest import SECRET, Post, RunWorkers, stream_rows, wait_for
 from tests.receiver import FORWARD_SECRET, Receiver, Reply, serving
 from tests.redis_server import RedisProcess, free_port
 from workers.forward import BACKOFF_CAP_S, RETRY_AFTER_CAP_S, Attempt, backoff_s, retry_after
-from workers.leased_worker import LeasedWorker
 from workers.metrics import FORWARD_LAG
-from workers.settings import worker_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 StartWorkers = Callable[..., Awaitable[None]]
@@ -53,38 +51,14 @@ def forwarding(settings: Settings, receiver: Receiver) -> Settings:
 
 
 @pytest.fixture
-async def workers(forwarding: Settings) -> AsyncIterator[StartWorkers]:
+def workers(forwarding: Settings, run_workers: RunWorkers) -> StartWorkers:
     """start(count=1, **changes): `count` workers in this process, with the forwarding settings
     changed by `changes` (forward_kinds=..., forward_timeout_s=...)."""
-    import workers.handlers  # noqa: F401
-
-    started: list[LeasedWorker] = []
-    mains: list[asyncio.Task[None]] = []
 
     async def start(count: int = 1, **changes: Any) -> None:
-        for _ in range(count):
-            config = dataclasses.replace(forwarding, **changes)
-            worker = LeasedWorker(**worker_settings(config), handle_signals=False)
-            started.append(worker)
-            mains.append(asyncio.get_running_loop().create_task(worker.main()))
+        await run_workers(dataclasses.replace(forwarding, **changes), count)
 
-    yield start
-    for task in mains:  # stop polling first, then let each worker close its jobs and pool
-        task.cancel()
-    await asyncio.gather(*mains, return_exceptions=True)
-    for worker in started:
-        await worker.close()
-
-
-async def wait_for(predicate: Callable[[], Any], seconds: float = 20) -> None:
-    for _ in range(int(seconds / 0.05)):
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("timed out")
+    return start
 
 
 async def forward_backlog(redis: Redis) -> int:

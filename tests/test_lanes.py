@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from shared.events import Event
 from shared.lanes import lane_of
 from shared.settings import Settings
 from tests import payloads as p
-from tests.conftest import Post
+from tests.conftest import Post, RunWorkers, wait_for
 from workers import registry
 from workers.leased_worker import LeasedWorker
 from workers.settings import worker_settings
@@ -38,41 +38,14 @@ def entry_order(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-@dataclasses.dataclass
-class Running:
-    settings: Settings
-    tasks: list[asyncio.Task[None]]
-
-
 @pytest.fixture
-async def two_workers(settings: Settings) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+def two_workers(settings: Settings, run_workers: RunWorkers) -> Callable[[], Awaitable[None]]:
     """Start two workers (8 jobs each) in this process; they run until the test ends."""
-    import workers.handlers  # noqa: F401
-
-    busy = dataclasses.replace(settings, worker_max_jobs=8)
-    started: list[LeasedWorker] = []
-    mains: list[asyncio.Task[None]] = []
 
     async def start() -> None:
-        for _ in range(2):
-            worker = LeasedWorker(**worker_settings(busy), handle_signals=False)
-            started.append(worker)
-            mains.append(asyncio.get_running_loop().create_task(worker.main()))
+        await run_workers(dataclasses.replace(settings, worker_max_jobs=8), 2)
 
-    yield start
-    for task in mains:  # stop polling first, then let each worker close its jobs and pool
-        task.cancel()
-    await asyncio.gather(*mains, return_exceptions=True)
-    for worker in started:
-        await worker.close()
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], seconds: float = 30) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("timed out")
+    return start
 
 
 def user_events(user: int) -> list[dict[str, Any]]:
