@@ -153,3 +153,36 @@ async def wait_for(predicate: Callable[[], Any], seconds: float = 30) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("timed out")
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    """A Redis of the test's own (AOF on), for fault tests that stop, kill or restart it."""
+    with redis_server(appendonly=True) as proc:
+        yield proc
+
+
+@pytest.fixture
+async def rclient(own_redis: RedisProcess) -> AsyncIterator[Redis]:
+    client = Redis.from_url(own_redis.url, socket_timeout=5)
+    yield client
+    await client.aclose()
+
+
+Handler = Callable[[dict[str, Any], Any], Awaitable[None]]
+
+
+@pytest.fixture
+def handlers() -> Iterator[Callable[[str, Handler], None]]:
+    """Register handlers for the test; every one is removed afterwards."""
+    from workers import registry
+
+    added: list[tuple[str, Handler]] = []
+
+    def add(kind: str, fn: Handler) -> None:
+        registry.on(kind)(fn)
+        added.append((kind, fn))
+
+    yield add
+    for kind, fn in added:
+        registry.remove(kind, fn)

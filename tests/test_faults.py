@@ -13,7 +13,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from tests.processes import (
     services,
     wait_processed,
 )
-from tests.redis_server import RedisProcess, redis_server
+from tests.redis_server import RedisProcess
 
 JOB_TIMEOUT_S = 3
 IN_PROGRESS_TTL_S = JOB_TIMEOUT_S + 10
@@ -47,19 +47,6 @@ RECOVERY_BOUND_S = 10.0
 """Another worker resumes a killed worker's lanes within this, by default (issue: per-user
 order): the lease (WORKER_LEASE_SECONDS, 5 s) plus a poll, whatever JOB_TIMEOUT_SECONDS is."""
 USERS = 40
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    with redis_server(appendonly=True) as proc:
-        yield proc
-
-
-@pytest.fixture
-async def rclient(own_redis: RedisProcess) -> AsyncIterator[Redis]:
-    client = Redis.from_url(own_redis.url, socket_timeout=5)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

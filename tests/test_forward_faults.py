@@ -10,7 +10,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +28,13 @@ from tests.processes import (
     services,
 )
 from tests.receiver import FORWARD_SECRET, Receiver, serving
-from tests.redis_server import RedisProcess, free_port, redis_server
+from tests.redis_server import RedisProcess, free_port
 
 FORWARDING = {
     "FORWARD_SECRET": FORWARD_SECRET.decode(),
     "FORWARD_TIMEOUT_SECONDS": "20",
     "JOB_TIMEOUT_SECONDS": "60",  # the default (tests/processes.py makes it 3)
 }
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    with redis_server(appendonly=True) as proc:
-        yield proc
-
-
-@pytest.fixture
-async def rclient(own_redis: RedisProcess) -> AsyncIterator[Redis]:
-    client = Redis.from_url(own_redis.url, socket_timeout=5)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -19,7 +19,6 @@ import workers.lanes
 from shared.events import Event, Unknown
 from shared.settings import Settings
 from tests.conftest import Post, stream_rows
-from workers import registry
 from workers.deadletters import list_dead, purge, replay
 from workers.leased_worker import LeasedWorker as Worker
 from workers.settings import worker_settings
@@ -38,20 +37,6 @@ def tries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(workers.lanes, "backoff_s", no_wait)
     return asked
-
-
-@pytest.fixture
-def handlers() -> Iterator[Callable[[str, Handler], None]]:
-    """Register handlers for the test; every one is removed afterwards."""
-    added: list[tuple[str, Handler]] = []
-
-    def add(kind: str, fn: Handler) -> None:
-        registry.on(kind)(fn)
-        added.append((kind, fn))
-
-    yield add
-    for kind, fn in added:
-        registry.remove(kind, fn)
 
 
 def message(mid: str, sender: str = "u1", ts: int = 1_700_000_000_000) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import json
 import pickle
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +48,6 @@ T = 1_700_000_000_000
 @pytest.fixture
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(workers.lanes, "backoff_s", lambda job_try: 0.0)
-
-
-@pytest.fixture
-def handlers() -> Iterator[Callable[[str, Handler], None]]:
-    """Register handlers for the test; every one is removed afterwards."""
-    added: list[tuple[str, Handler]] = []
-
-    def add(kind: str, fn: Handler) -> None:
-        registry.on(kind)(fn)
-        added.append((kind, fn))
-
-    yield add
-    for kind, fn in added:
-        registry.remove(kind, fn)
 
 
 # --- building bodies as text ---------------------------------------------------------------
