@@ -34,6 +34,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     user: str | None = None
     recipient: str | None
     timestamp: int
+    timestamp_from: str = "event"
+    """`event`, or `received` when the event came without a usable timestamp (missing, 0, not a
+    number): `timestamp` is then the time ingest received it."""
 
 
 class Message(Event, frozen=True, kw_only=True):

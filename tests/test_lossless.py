@@ -34,6 +34,8 @@ from tests.conftest import API_TOKEN, Post, stream_rows
 from tests.test_corpus import CASES
 from workers import registry
 from workers.deadletters import list_dead, replay
+from workers.normalize import normalize
+from workers.touches import touch_of
 
 Drain = Callable[[], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Event], Awaitable[None]]
@@ -761,3 +763,21 @@ async def test_a_received_time_never_beats_an_earlier_real_touch_to_first(
     view = await record(redis, "late")
     assert (view.touches, view.first["ref"], view.last["ref"]) == (4, "genuine-old", "fresh")
     assert view.last["timestamp_from"] == "event"
+
+
+@pytest.mark.parametrize("stamp", [T, "received"])
+def test_a_genuine_timestamp_equal_to_the_received_time_is_the_events_own(stamp: Any) -> None:
+    """Whether the received time stood in is recorded when normalising, never guessed from the
+    value: a genuine timestamp of the very millisecond ingest received the event is `event`."""
+    item: dict[str, Any] = {"sender": {"id": "u"}, "recipient": {"id": PAGE},
+                            "referral": {"ref": "r", "source": "SHORTLINK", "type": "OPEN_THREAD"}}
+    if stamp != "received":
+        item["timestamp"] = stamp
+    queued = QueuedEvent("h:1", "referral", "messaging", "page", PAGE, T,
+                         msgspec.Raw(msgspec.json.encode(item)))
+    event = normalize(queued, item)
+    touch = touch_of(event, queued.received_ms)
+    assert touch is not None
+    assert (event.timestamp, touch.timestamp) == (T, T)
+    expected = "event" if stamp == T else "received"
+    assert (event.timestamp_from, touch.timestamp_from) == (expected, expected)

@@ -243,6 +243,7 @@ def normalize(queued: QueuedEvent, item: Any, kind: str | None = None) -> ev.Eve
         "user": user,
         "recipient": s(d(body.get("recipient")).get("id")),
         "timestamp": stamp or queued.received_ms,
+        "timestamp_from": "event" if stamp else "received",
     }
     if change:
         return _change(base, body)

@@ -31,8 +31,8 @@ def touch_of(event: ev.Event, received_ms: int) -> Touch | None:
             via = "message"
         case _:
             return None
-    timestamp, source = event.timestamp, "event"
-    if timestamp == received_ms or timestamp > received_ms + TRUSTED_AHEAD_MS:
+    timestamp, source = event.timestamp, event.timestamp_from
+    if timestamp > received_ms + TRUSTED_AHEAD_MS:
         timestamp, source = received_ms, "received"
     return Touch(
         timestamp=timestamp, via=via, **msgspec.structs.asdict(ref), page_id=event.page_id,
