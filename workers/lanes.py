@@ -63,6 +63,10 @@ log = logging.getLogger("fbhook.worker")
 HANDLER_SHARE = 0.5
 """Handlers of one batch get this share of JOB_TIMEOUT_SECONDS; one still running then fails."""
 
+YIELD_EVERY = 32
+"""Events decoded between two turns of the event loop, so that one long batch does not hold up
+the other jobs' Redis replies and arq's claims."""
+
 RUN_SECONDS = 5.0
 """A run hands its lane on after this long (or half the job timeout, if less)."""
 
@@ -191,7 +195,9 @@ class _Run:
         """The rows of the head events whose handlers succeeded, in order, up to the first event
         that failed (then also returned)."""
         rows: list[Row] = []
-        for blob in blobs:
+        for n, blob in enumerate(blobs):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # let other jobs' replies (and arq's claims) through
             try:
                 event, queued = _decode(blob)
             except Exception as exc:  # noqa: BLE001 - the event fails alone, kept whole
