@@ -126,6 +126,9 @@ async def test_a_worker_sigkilled_mid_delivery_loses_nothing_and_repeats_only_wh
         held = receiver.held()
         first.signal(signal.SIGKILL)
         first.wait(5)
+        # Requests the killed worker had sent are still to be read by the receiver (this loop
+        # was blocked in wait): let it read them before counting what it saw.
+        await asyncio.sleep(0.5)
         seen_before = len(receiver.got)
         backlog = await forward_backlog(rclient)  # nothing writes it until the next worker
         receiver.gate.set()

@@ -284,7 +284,7 @@ async def test_refused_requests_log_at_info_without_secrets(
 
 
 async def test_one_log_line_per_job(
-    post: Post, drain: Any, caplog: pytest.LogCaptureFixture,
+    post: Post, drain: Any, caplog: pytest.LogCaptureFixture, settings: Settings,
 ) -> None:
     assert (await post(envelope(referral("j1", "ADS")))).status == 200
     caplog.set_level(logging.DEBUG, logger="fbhook.worker")
@@ -294,7 +294,7 @@ async def test_one_log_line_per_job(
     assert len(jobs) == 1
     fields = jobs[0].__dict__
     assert fields["outcome"] == "ok" and fields["try"] == 1
-    assert fields["lane"] == lane_of("page", "PAGE1", "j1", "", 256)
+    assert fields["lane"] == lane_of("page", "PAGE1", "j1", "", settings.lanes)
     assert (fields["steps"], fields["written"], fields["failed"]) == (1, 1, 0)
     assert fields["ms"] >= 0
     assert json.loads(JsonFormatter().format(jobs[0]))["outcome"] == "ok"
