@@ -134,11 +134,11 @@ class Settings:
     stream_maxlen: int = 1_000_000
     history_cap: int = 10
     queue_name: str = "fb:queue"
-    job_max_events: int = 500
+    job_max_events: int = 100
     job_timeout_s: int = 60
     job_max_tries: int = 5
     worker_max_jobs: int = 32
-    lanes: int = 256
+    lanes: int = 128
     worker_lease_s: float = 5.0
     forward_url: str = ""
     forward_secret: bytes = b""

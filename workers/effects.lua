@@ -15,7 +15,7 @@
 --   {lane key, owner key, job id, arq try key, job try, failed, mode, next job id, lane number,
 --    queue, now ms, max tries, tries key, dead-letter stream, arq job prefix, job TTL ms,
 --    backoffs: the wait in ms before try n + 1, by n, forward list key, forward owner key,
---    forward job id (queued for the forward list if it has no job)}
+--    forward job id (queued for the forward list if it has no job), most events per step}
 --   failed: false, or {id, kind, error} of the event right after the rows, which failed before
 --   it could be written; mode: 'more' (the job goes on while the lane has events) or 'handoff'
 --   (its time is up: a new job takes the lane over).
@@ -33,10 +33,11 @@
 -- and the lane goes on. The lane's owner key is deleted in the call that leaves the lane empty,
 -- so ingest queues a new job for the next event (shared/enqueue.lua).
 --
--- Returns {codes, status, tries}: one code per event written (1 written, 2 with a touch for a
--- new user, 3 with a touch for a returning user), the status ('more', 'ended', 'handed',
--- 'retry', each after 'dead' when an event was dead-lettered: 'dead more', ...) and the failed
--- event's tries (0 if none).
+-- Returns {codes, status, tries, next}: one code per event written (1 written, 2 with a touch
+-- for a new user, 3 with a touch for a returning user), the status ('more', 'ended', 'handed',
+-- 'retry', each after 'dead' when an event was dead-lettered: 'dead more', ...), the failed
+-- event's tries (0 if none) and, when the status ends in 'more', the lane's next head (at most
+-- `most events per step`), which saves the run a round trip per step.
 local window, maxlen, cap, referrals = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local ad_titles, retention = ARGV[5], tonumber(ARGV[6])
 local seen_prefix, stream_prefix, attr_prefix, day_prefix = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
@@ -269,7 +270,7 @@ if failed then
   if tries < tonumber(step[12]) then
     local backoffs = step[17]
     queue_next(now + (backoffs[tries] or backoffs[#backoffs]))
-    return {out, 'retry', tries}
+    return {out, 'retry', tries, {}}
   end
   redis.call('XADD', step[14], '*', 'id', failed[1], 'kind', failed[2],
     'error', string.sub(failed[3], 1, 2000), 'tries', tries, 'failed_at', now,
@@ -280,4 +281,8 @@ if failed then
   status = 'dead '
 end
 
-return {out, status .. next_step(lane, owner, mode == 'handoff', queue_next, now), tries}
+local after = next_step(lane, owner, mode == 'handoff', queue_next, now)
+if after == 'more' then
+  return {out, status .. after, tries, redis.call('LRANGE', lane, 0, tonumber(step[21]) - 1)}
+end
+return {out, status .. after, tries, {}}

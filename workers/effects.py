@@ -112,6 +112,8 @@ class Outcome(NamedTuple):
     """`more`, `ended`, `handed` or `retry`; `dead` first when an event was dead-lettered."""
     tries: int
     """The failed event's tries so far (0 when none failed)."""
+    head: list[bytes]
+    """When the lane goes on (`more`): its next events, read in the same call."""
 
 
 class Effects:
@@ -122,6 +124,7 @@ class Effects:
         self._script = redis.register_script(EFFECTS_LUA)
         self._clients = Pinned(redis)
         self._queue, self._max_tries = settings.queue_name, settings.job_max_tries
+        self._max_events = settings.job_max_events
         self._forward, self._forward_kinds = bool(settings.forward_url), settings.forward_kinds
         self._header = (
             settings.dedupe_ttl_s, settings.stream_maxlen, settings.history_cap,
@@ -163,7 +166,7 @@ class Effects:
             self._max_tries, keys.LANE_TRIES, keys.DEAD_LETTERS, job_key_prefix, JOB_TTL_MS,
             list(step.backoffs_ms) or [0],
             keys.forward_lane(step.lane), keys.forward_job(step.lane),
-            f"fwd-{os.urandom(6).hex()}-{step.lane}",
+            f"fwd-{os.urandom(6).hex()}-{step.lane}", self._max_events,
         ]
         client = self._clients.take()
         try:
@@ -182,7 +185,7 @@ class Effects:
             if code >= NEW_USER:
                 metrics.count_touch(row.source, code == RETURNING_USER)
         status = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        return Outcome(codes, status, int(reply[2]))
+        return Outcome(codes, status, int(reply[2]), reply[3])
 
     async def aclose(self) -> None:
         await self._clients.aclose()

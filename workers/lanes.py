@@ -12,7 +12,8 @@ job for a lane that has none: one job at a time owns a lane (its id is in `fb:la
    fails (it cannot be decoded, normalised or encoded, or a handler raised) stops the batch:
    a user's later events must not overtake it.
 4. **End of a step.** One atomic call (workers/effects.lua) writes the outputs of the events
-   before it, takes them off the lane, and says what the lane does next: go on (`more`), end
+   before it, takes them off the lane, and says what the lane does next: go on (`more`, with
+   the lane's next head read in the same call, so a step costs one round trip), end
    (the lane is empty: its owner key is deleted with it, so ingest queues a new job for the next
    event), or hand the lane to a new job when this run's time is up (`handed`, so that a busy
    lane shares the workers with the others). The call is fenced: a run whose lane was taken
@@ -99,10 +100,10 @@ async def lease(redis: Redis, job_id: str, seconds: float) -> AsyncIterator[None
     key, ms = in_progress_key_prefix + job_id, int(seconds * 1000)
 
     async def renew() -> None:
-        while True:
+        while True:  # the claim was made this short (workers/leased_worker.py): renew it later
+            await asyncio.sleep(seconds / 4)
             with contextlib.suppress(RedisError, OSError):
                 await redis.pexpire(key, ms)
-            await asyncio.sleep(seconds / 4)
 
     task = asyncio.create_task(renew())
     try:
@@ -131,9 +132,9 @@ class _Run:
         until = loop.time() + min(RUN_SECONDS, timeout * HANDLER_SHARE)
         outcome, steps, failed, error = "error", 0, 0, ""
         try:
+            blobs: list[bytes] = await self.redis.lrange(  # type: ignore[misc]
+                keys.lane(self.step.lane), 0, self.settings.job_max_events - 1)
             while True:
-                blobs: list[bytes] = await self.redis.lrange(  # type: ignore[misc]
-                    keys.lane(self.step.lane), 0, self.settings.job_max_events - 1)
                 rows, fail = await self._run(blobs, loop.time() + timeout * HANDLER_SHARE)
                 step = Step(self.step.lane, self.step.job_id, self.step.job_try, fail,
                             handoff=loop.time() >= until, backoffs_ms=self.backoffs_ms)
@@ -147,6 +148,7 @@ class _Run:
                 if not result.status.endswith("more"):
                     outcome = _outcome(result)
                     return self.written
+                blobs = result.head
         except LaneLost:
             outcome = "lost"
             return self.written
