@@ -40,10 +40,14 @@ def space_of(envelope_object: str, sender: Any) -> tuple[str, str] | None:
     body, else a PSID), else the chat plugin's `sender.user_ref`; None when there is neither."""
     if not isinstance(sender, dict):
         return None
-    sender_id = as_id(sender.get("id"))
+    return _space(envelope_object, sender.get("id"), sender.get("user_ref"))
+
+
+def _space(envelope_object: str, sender_id: Any, user_ref: Any) -> tuple[str, str] | None:
+    sender_id = as_id(sender_id)
     if sender_id:
         return (IGSID if envelope_object == "instagram" else PSID), sender_id
-    user_ref = as_id(sender.get("user_ref"))
+    user_ref = as_id(user_ref)
     if user_ref:
         return USER_REF, user_ref
     return None
@@ -75,4 +79,11 @@ def sender_of(envelope_object: str, channel: str, item: Any) -> tuple[str, str] 
             return None
         return found, user_key(IGSID if envelope_object == "instagram" else PSID, found)
     space = space_of(envelope_object, item.get("sender"))
+    return None if space is None else (space[1], user_key(*space))
+
+
+def sender_from(envelope_object: str, sender_id: Any, user_ref: Any) -> tuple[str, str] | None:
+    """`sender_of` for a messaging item whose `sender` was read already: its `id` and
+    `user_ref` values (workers/wire.py)."""
+    space = _space(envelope_object, sender_id, user_ref)
     return None if space is None else (space[1], user_key(*space))

@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -29,6 +30,7 @@ from shared.errors import BadRequest
 from shared.jsontext import loads
 from shared.kinds import EVENT_KEYS, KINDS
 from tests.conftest import Post, stream_rows
+from workers import wire
 from workers.effects import Effects
 from workers.normalize import normalize
 
@@ -223,3 +225,86 @@ def test_normalisation_never_raises_and_always_makes_a_writable_event(
     row = Effects.row(event, queued)
     assert row.values[0] == "h:x"
     msgspec.msgpack.encode(row.values)
+
+
+# The usual shapes of the kinds workers/wire.py reads, with odd values mixed in at every level.
+usual_values = st.none() | st.text(max_size=6) | st.integers(-5, 2**64) | json_values
+usual_referral = st.fixed_dictionaries({}, optional={
+    "ref": usual_values, "source": usual_values, "type": usual_values, "ad_id": usual_values,
+    "ads_context_data": st.none() | st.just({}) | st.just({"ad_title": "t"}) | json_values,
+    "referer_uri": usual_values, "origin_domain": usual_values,
+    "product": st.fixed_dictionaries({}, optional={"id": usual_values}) | json_values})
+usual_bodies = {
+    "message": st.fixed_dictionaries({}, optional={
+        "mid": usual_values, "text": usual_values, "app_id": usual_values,
+        "metadata": usual_values, "is_unsupported": usual_values, "is_echo": usual_values,
+        "quick_reply": st.fixed_dictionaries({}, optional={"payload": usual_values}) | json_values,
+        "reply_to": st.fixed_dictionaries({}, optional={"mid": usual_values}) | json_values,
+        "attachments": st.lists(json_values, max_size=2) | json_values,
+        "referral": usual_referral | json_values}),
+    "postback": st.fixed_dictionaries({}, optional={
+        "mid": usual_values, "title": usual_values, "payload": usual_values,
+        "referral": usual_referral | json_values}),
+    "referral": usual_referral | json_values,
+}
+
+
+@st.composite
+def usual_items(draw: st.DrawFn) -> tuple[str, Any]:
+    kind = draw(st.sampled_from(["message", "message_echo", "postback", "referral"]))
+    key = "message" if kind == "message_echo" else kind
+    item: dict[str, Any] = {key: draw(usual_bodies[key])}
+    for name in ("sender", "recipient"):
+        if draw(st.integers(0, 3)):
+            item[name] = draw(st.fixed_dictionaries(
+                {}, optional={"id": usual_values, "user_ref": usual_values}) | json_values)
+    if draw(st.booleans()):
+        item["timestamp"] = draw(st.integers(0, 2**53) | usual_values)
+    return kind, item
+
+
+@settings(max_examples=600, deadline=None)
+@given(kind_item=usual_items(), channel=st.sampled_from(["messaging", "standby", "changes"]),
+       obj=st.sampled_from(["page", "instagram", ""]), received=st.integers(0, 2**45))
+def test_the_typed_fast_path_makes_the_very_event_normalize_makes(
+    kind_item: tuple[str, Any], channel: str, obj: str, received: int
+) -> None:
+    """workers/wire.py reads messages, echoes, postbacks and referrals in one typed pass; when
+    it gives an event at all, it is the one the tolerant reader gives, field for field."""
+    kind, item = kind_item
+    text = json.dumps(item).encode()
+    queued = QueuedEvent("h:x", kind, channel, obj, "PAGE", received, msgspec.Raw(text))
+    fast = wire.event_of(queued)
+    if fast is not None:
+        assert fast == normalize(queued, loads(text))
+        assert msgspec.json.encode(fast) == msgspec.json.encode(normalize(queued, loads(text)))
+
+
+@pytest.mark.parametrize("text", [
+    b'{"sender":{"id":"1"},"timestamp":1700000000000,"message":{"mid":"m","text":"a"}}',
+    b'{"sender":{"id":"1"},"message":{"mid":"m","text":"a","text":"b"}}',
+    b'{"sender":{"id":5},"message":{"text":7,"text":"b"}}',
+    b'{"sender":{"id":"1"},"message":{"mid":"m"},"message":null}',
+    b'{"sender":{"id":"1"},"message":{"mid":"m"},"message":5}',
+    b'{"sender":{"id":"1"},"message":{"text":"\\ud83d"}}',
+    b'{"sender":{"id":"1"},"message":{"text":"x","n":1e400}}',
+    b'{"sender":{"id":"1"},"message":{"quick_reply":{"payload":"P"},"reply_to":{"mid":"r"}}}',
+    b'[1, 2]',
+])
+def test_the_fast_path_agrees_on_duplicate_keys_and_odd_text(text: bytes) -> None:
+    """Duplicate keys (the last one counts, as for a dict), values that make the typed decode
+    fail part way, lone surrogates and numbers out of range: the same event either way."""
+    queued = QueuedEvent("h:x", "message", "messaging", "page", "PAGE", 1, msgspec.Raw(text))
+    fast, slow = wire.event_of(queued), normalize(queued, loads(text))
+    assert fast is None or fast == slow
+
+
+def test_the_usual_shapes_take_the_fast_path() -> None:
+    """The fast path is taken for the shapes it is for (else it would be dead code)."""
+    for kind, body in [("message", {"message": {"mid": "m", "text": "hi"}}),
+                       ("postback", {"postback": {"title": "t", "payload": "p"}}),
+                       ("referral", {"referral": {"ref": "r", "source": "ADS", "ad_id": "1"}})]:
+        text = json.dumps({"sender": {"id": "1"}, "recipient": {"id": "2"},
+                           "timestamp": 1_700_000_000_000, **body}).encode()
+        queued = QueuedEvent("h:x", kind, "messaging", "page", "PAGE", 1, msgspec.Raw(text))
+        assert wire.event_of(queued) == normalize(queued, loads(text)), kind

@@ -54,7 +54,7 @@ from shared.events import Event
 from shared.jsontext import loads
 from shared.kinds import UNKNOWN, refine
 from shared.settings import Settings
-from workers import metrics, registry
+from workers import metrics, registry, wire
 from workers.deadletters import bury
 from workers.effects import Effects, Failed, LaneLost, Outcome, Row, Step
 from workers.normalize import normalize
@@ -248,9 +248,14 @@ def _outcome(result: Outcome) -> str:
 
 
 def _decode(blob: bytes) -> tuple[Event, QueuedEvent]:
+    """A queued event and its normalised event: the usual shapes of the busiest kinds in one
+    typed pass (workers/wire.py), anything else from plain JSON (workers/normalize.py)."""
     queued = decode_event(blob)
-    item = loads(queued.raw)
-    return normalize(queued, item, refine(queued.kind, item, registry.has_handlers)), queued
+    event = wire.event_of(queued)
+    if event is None:
+        item = loads(queued.raw)
+        event = normalize(queued, item, refine(queued.kind, item, registry.has_handlers))
+    return event, queued
 
 
 _TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOSCRIPT")

@@ -224,16 +224,13 @@ def _change(base: dict[str, Any], change: dict[str, Any]) -> ev.Event:
     return ev.Change(**base, field=s(change.get("field")), value=change.get("value"))
 
 
-def normalize(queued: QueuedEvent, item: Any, kind: str | None = None) -> ev.Event:
-    """The normalised event of one queued item (`item`: its decoded JSON), of `kind` (by default
-    the kind ingest gave it). Unknown kinds keep the decoded item in `raw`."""
-    kind = queued.kind if kind is None else kind
-    body = item if isinstance(item, dict) else {}
-    change = queued.channel == "changes"
-    found = sender_of(queued.object, queued.channel, body)
+def base_of(queued: QueuedEvent, kind: str, found: tuple[str, str] | None,
+            recipient: str | None, stamp: int | None) -> dict[str, Any]:
+    """The fields every event has (shared/events.py Event), for either way of reading an item
+    (this module, or workers/wire.py for the usual shapes): `found` is the sender as
+    (id as sent, user key), `stamp` the item's timestamp in ms (None or 0: the received time)."""
     sender, user = (None, None) if found is None else found
-    stamp = None if change else to_millis(body.get("timestamp"))
-    base: dict[str, Any] = {
+    return {
         "kind": kind,
         "id": queued.id,
         "channel": queued.channel,
@@ -241,10 +238,21 @@ def normalize(queued: QueuedEvent, item: Any, kind: str | None = None) -> ev.Eve
         "page_id": queued.page_id,
         "sender": sender,
         "user": user,
-        "recipient": s(d(body.get("recipient")).get("id")),
+        "recipient": recipient,
         "timestamp": stamp or queued.received_ms,
         "timestamp_from": "event" if stamp else "received",
     }
+
+
+def normalize(queued: QueuedEvent, item: Any, kind: str | None = None) -> ev.Event:
+    """The normalised event of one queued item (`item`: its decoded JSON), of `kind` (by default
+    the kind ingest gave it). Unknown kinds keep the decoded item in `raw`."""
+    kind = queued.kind if kind is None else kind
+    body = item if isinstance(item, dict) else {}
+    change = queued.channel == "changes"
+    base = base_of(queued, kind, sender_of(queued.object, queued.channel, body),
+                   s(d(body.get("recipient")).get("id")),
+                   None if change else to_millis(body.get("timestamp")))
     if change:
         return _change(base, body)
     reader = READERS.get(kind)
