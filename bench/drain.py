@@ -1,4 +1,5 @@
-"""`python -m bench.drain`: only the backlog-drain measurement, one and two workers in turns.
+"""`python -m bench.drain`: only the backlog-drain measurement, one and two workers in turns
+(with `--live`, live load too).
 
 For tuning and A/B runs of the worker (`--env WORKER_MAX_JOBS=16`, another commit): it starts
 its own Redis and ingest as `python -m bench` does, prefills the same mixed backlog, resumes one
@@ -29,6 +30,8 @@ def main() -> int:
                         help="a setting for the ingest and the workers (repeatable)")
     parser.add_argument("--handler", action="store_true",
                         help="workers run a CPU-bound handler per event (bench.handler_worker)")
+    parser.add_argument("--live", action="store_true",
+                        help="also live load: the same events posted while the workers run")
     parser.add_argument("--ordered", action="store_true",
                         help="also the ordered case: 2,000 users, mixed kinds, two workers, "
                              "and every user's order checked")
@@ -43,10 +46,16 @@ def main() -> int:
         bench.ports["project"] = port
         bench.servers["project"] = bench.procs.python("ingest", "-m", "ingest",
                                                       env={"INGEST_PORT": str(port)})
-        best = {1: 0.0, 2: 0.0}
+        best, live = {1: 0.0, 2: 0.0}, {1: 0.0, 2: 0.0}
         try:
             wait_http(bench.servers["project"], port)
             for _ in range(args.rounds):
+                for count in (1, 2) if args.live else ():
+                    point = bench.project_live(count)
+                    live[count] = max(live[count], float(point["events_per_s"]))
+                    print(f"live, {count} worker(s): {point['events_per_s']:>9,.0f} events/s  "
+                          f"CPU % {point['cpu_pct']}  outputs ok: {point['outputs_ok']}",
+                          flush=True)
                 for count in (1, 2):
                     point = bench.project_drain(
                         count, "bench.handler_worker" if args.handler else "workers")
@@ -65,6 +74,8 @@ def main() -> int:
             bench.procs.stop_all()
     print(f"best: 1 worker {best[1]:,.0f}, 2 workers {best[2]:,.0f} events/s: "
           f"{best[2] / best[1]:.2f}x")
+    if args.live:
+        print(f"best live: 1 worker {live[1]:,.0f}, 2 workers {live[2]:,.0f} events/s")
     return 0
 
 
