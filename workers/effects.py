@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple
@@ -180,8 +181,9 @@ class Effects:
         finally:
             self._clients.give(client)
         codes = [int(c) for c in reply[0]]
+        for kind, n in Counter(row.values[1] for row in rows[:len(codes)]).items():
+            metrics.count_processed(kind, n)
         for code, row in zip(codes, rows, strict=False):
-            metrics.count_processed(row.values[1])
             if code >= NEW_USER:
                 metrics.count_touch(row.source, code == RETURNING_USER)
         status = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])

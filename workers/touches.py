@@ -20,8 +20,8 @@ def touch_of(event: ev.Event, received_ms: int) -> Touch | None:
     or more than a day ahead of the received time is not the user's: the received time stands
     in, and the touch says so, so that no odd timestamp decides a user's first or last touch.
     """
-    if event.user is None:
-        return None
+    if event.user is None or getattr(event, "referral", None) is None:
+        return None  # most events: no referral, nothing to match
     match event:
         case ev.ReferralEvent(referral=ref):
             via = "referral"
