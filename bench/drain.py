@@ -33,7 +33,7 @@ def main() -> int:
     parser.add_argument("--live", action="store_true",
                         help="also live load: the same events posted while the workers run")
     parser.add_argument("--ordered", action="store_true",
-                        help="also the ordered case: 2,000 users, mixed kinds, two workers, "
+                        help="also the ordered case: 10,000 users, mixed kinds, two workers, "
                              "and every user's order checked")
     args = parser.parse_args()
     plan = dataclasses.replace(QUICK, events=args.events)
