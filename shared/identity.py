@@ -83,7 +83,7 @@ def sender_of(envelope_object: str, channel: str, item: Any) -> tuple[str, str] 
 
 
 def sender_from(envelope_object: str, sender_id: Any, user_ref: Any) -> tuple[str, str] | None:
-    """`sender_of` for a messaging item whose `sender` was read already: its `id` and
-    `user_ref` values (workers/wire.py)."""
+    """`sender_of` for a messaging or standby item whose `sender` object was read already: its
+    `id` and `user_ref` values (ingest's typed glance, workers/wire.py)."""
     space = _space(envelope_object, sender_id, user_ref)
     return None if space is None else (space[1], user_key(*space))
