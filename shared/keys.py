@@ -29,6 +29,10 @@ FORWARD_TRIES = "fb:fwd:tries"
 LANE_TRIES = "fb:lane:tries"
 """A hash of event id -> failed tries, for the head events being retried (small)."""
 
+STEPS = "fb:steps"
+"""A hash, list key -> the id and reply of that lane's (or forward list's) last step call, so
+that a call sent twice (a client retrying after the reply was lost) does not run twice."""
+
 STREAM_PREFIX = "fb:events:"
 """`fb:events:<kind>`: a Redis Stream per event kind, the interface for downstream consumers."""
 

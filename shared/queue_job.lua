@@ -30,3 +30,23 @@ local function next_step(list, owner, handoff, queue_next, now)
   end
   return 'more'
 end
+
+-- A step call sent twice (the client lost the reply of a call Redis ran, and retried it) must
+-- not run twice: it would write its events again and take the events after them off the list
+-- unwritten. Each call carries a new id; `replayed` gives the reply the call of that id gave
+-- for `list` (or nil), and `remember` stores it (one field of the hash `steps` per list).
+local function replayed(steps, list, step_id)
+  local done = redis.call('HGET', steps, list)
+  if done then
+    local d = cmsgpack.unpack(done)
+    if d[1] == step_id then
+      return d[2]
+    end
+  end
+  return nil
+end
+
+local function remember(steps, list, step_id, reply)
+  redis.call('HSET', steps, list, cmsgpack.pack({step_id, reply}))
+  return reply
+end

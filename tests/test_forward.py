@@ -32,7 +32,14 @@ from tests import payloads as p
 from tests.conftest import SECRET, Post, RunWorkers, stream_rows, wait_for
 from tests.receiver import FORWARD_SECRET, Receiver, Reply, serving
 from tests.redis_server import RedisProcess, free_port
-from workers.forward import BACKOFF_CAP_S, RETRY_AFTER_CAP_S, Attempt, backoff_s, retry_after
+from workers.forward import (
+    BACKOFF_CAP_S,
+    BATCH,
+    RETRY_AFTER_CAP_S,
+    Attempt,
+    backoff_s,
+    retry_after,
+)
 from workers.metrics import FORWARD_LAG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -574,3 +581,37 @@ def test_timeouts_connection_errors_408_429_and_5xx_are_retried_other_answers_ar
                if Attempt(s, "", "").retryable}
     assert retried == {0, 408, 429, 500, 502, 503}
     assert [s for s in (200, 204, 299, 300, 199) if Attempt(s, "", "").delivered] == [200, 204, 299]
+
+
+async def test_a_forward_step_whose_reply_was_lost_is_not_run_twice(
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection drops after Redis ran a forward step (events delivered, taken off the
+    list) but before its reply was read, and the pool sends the call again: the events after
+    them must not be taken off unsent."""
+    from redis.asyncio.connection import AbstractConnection
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    original = AbstractConnection.read_response
+    dropped: list[Any] = []
+
+    async def lossy(self: AbstractConnection, *args: Any, **kwargs: Any) -> Any:
+        reply = await original(self, *args, **kwargs)
+        if not dropped and isinstance(reply, list) and len(reply) == 2 and reply[0] == b"more":
+            dropped.append(reply)
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError("Connection reset by peer (the reply was lost)")
+        return reply
+
+    count = BATCH + 20
+    items = [p.text_message(mid=f"lost-{i}", sender="lost-user", ts=1_700_000_000_000 + i)
+             for i in range(count)]
+    assert (await post(p.body(*items))).status == 200
+    monkeypatch.setattr(AbstractConnection, "read_response", lossy)
+    await workers(1)
+    await wait_for(lambda: len(receiver.delivered()) >= count)
+    await asyncio.sleep(0.3)  # a repeat would show now
+    assert len(dropped) == 1
+    assert receiver.delivered_ids() == [f"message:lost-{i}" for i in range(count)]
+    assert await forward_backlog(redis) == 0

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from shared import keys
@@ -16,6 +19,17 @@ from tests.conftest import Post, stream_rows
 from workers import deadletters
 from workers import lanes as jobs
 from workers.effects import WRITTEN, Effects, LaneLost, Step
+from workers.leased_worker import LeasedWorker
+from workers.settings import worker_settings
+
+
+async def drain_with(config: Settings) -> None:
+    """A burst worker with other settings than the `drain` fixture's."""
+    worker = LeasedWorker(**worker_settings(config), burst=True, handle_signals=False)
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
 
 
 async def test_a_persistent_script_error_dead_letters_the_batch(
@@ -125,3 +139,60 @@ async def test_a_run_that_no_longer_owns_its_lane_writes_nothing(
     assert (await effects.write([row], Step(0, "another-job", 1))).codes == [WRITTEN]
     assert [r["id"] for r in await stream_rows(redis)] == ["message:late"]
     await effects.aclose()
+
+
+async def test_a_step_whose_reply_was_lost_is_not_run_twice(
+    post: Post, redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops after Redis ran a step but before its reply was read: the worker's
+    pool sends the call again (it retries connection errors). The second call must not write
+    the events again, nor take the events after them off the lane unwritten (it once did
+    both: m0, m1, m0, m1, and m2 and m3 gone)."""
+    original = AbstractConnection.read_response
+    dropped: list[Any] = []
+
+    async def lossy(self: AbstractConnection, *args: Any, **kwargs: Any) -> Any:
+        reply = await original(self, *args, **kwargs)
+        if not dropped and isinstance(reply, list) and len(reply) == 4 and reply[1] == b"more":
+            dropped.append(reply)
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError("Connection reset by peer (the reply was lost)")
+        return reply
+
+    items = [p.text_message(mid=f"m{i}", sender="u1", ts=1_700_000_000_000 + i)
+             for i in range(4)]
+    assert (await post(p.body(*items))).status == 200
+    monkeypatch.setattr(AbstractConnection, "read_response", lossy)
+    await drain_with(dataclasses.replace(settings, job_max_events=2))
+    monkeypatch.undo()
+    assert len(dropped) == 1
+    assert [r["id"] for r in await stream_rows(redis, "message")] == [
+        "message:m0", "message:m1", "message:m2", "message:m3"]
+    assert await deadletters.list_dead(redis) == []
+    assert await redis.exists(keys.lane(0), keys.lane_job(0)) == 0
+
+
+@pytest.mark.parametrize("broken", ["record of another type", "unreadable record",
+                                    "referrals not a stream"])
+async def test_an_event_whose_write_fails_part_way_is_written_once_or_dead_lettered(
+    broken: str, post: Post, drain: Any, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails after the event's stream entry (the user's record unreadable, the
+    referrals stream of another type) undoes what it had written of that event: tried again and
+    dead-lettered, the event is in the dead letters once and on no stream, the user's record
+    and the report as before (once: three stream entries, and a touch count of 3)."""
+    monkeypatch.setattr(jobs, "backoff_s", lambda job_try: 0.0)
+    if broken == "record of another type":
+        await redis.rpush(keys.ATTR_PREFIX + "dup", "x")
+    elif broken == "unreadable record":
+        await redis.set(keys.ATTR_PREFIX + "dup", "garbage")
+    else:
+        await redis.set(keys.REFERRALS_STREAM, "not a stream")
+    before = await redis.dump(keys.ATTR_PREFIX + "dup")
+    item = p.shortlink_referral("spring", sender="dup", ts=int(time.time() * 1000))
+    assert (await post(p.body(item))).status == 200
+    await drain()
+    assert await stream_rows(redis, "referral") == []
+    assert len(await deadletters.list_dead(redis)) == 1
+    assert await redis.dump(keys.ATTR_PREFIX + "dup") == before
+    assert [k async for k in redis.scan_iter(keys.REPORT_PREFIX + "*")] == []

@@ -15,7 +15,8 @@
 --   {lane key, owner key, job id, arq try key, job try, failed, mode, next job id, lane number,
 --    queue, now ms, max tries, tries key, dead-letter stream, arq job prefix, job TTL ms,
 --    backoffs: the wait in ms before try n + 1, by n, forward list key, forward owner key,
---    forward job id (queued for the forward list if it has no job), most events per step}
+--    forward job id (queued for the forward list if it has no job), most events per step,
+--    steps hash, this call's id (shared/queue_job.lua `replayed`)}
 --   failed: false, or {id, kind, error} of the event right after the rows, which failed before
 --   it could be written; mode: 'more' (the job goes on while the lane has events) or 'handoff'
 --   (its time is up: a new job takes the lane over).
@@ -49,6 +50,21 @@ if not owns(owner, job_id, try_key, job_try) then
   return redis.error_reply('LANELOST this run no longer owns ' .. lane)
 end
 
+-- The lane's next head, when it goes on: read fresh, also for a replayed call.
+local function with_head(reply)
+  local head = {}
+  if string.sub(reply[2], -4) == 'more' then
+    head = redis.call('LRANGE', lane, 0, tonumber(step[21]) - 1)
+  end
+  return {reply[1], reply[2], reply[3], head}
+end
+
+local steps, step_id = step[22], step[23]
+local again = replayed(steps, lane, step_id)
+if again then
+  return with_head(again)
+end
+
 -- Positions in a stored touch (1-based), filled in from shared/attribution.py POSITIONS by
 -- workers/effects.py when the script is loaded.
 local T, SOURCE, REF, AD, TIE, PRODUCT = POSITIONS
@@ -64,8 +80,7 @@ end
 
 -- Insert a touch into the user's record {count, first, history}: history latest first, capped;
 -- the earliest touch ever seen survives as `first` once it falls out of the history.
-local function add_touch(key, touch)
-  local stored = redis.call('GET', key)
+local function add_touch(key, touch, stored)
   local record = stored and cmsgpack.unpack(stored) or {0, false, {}}
   local history = record[3]
   local pos = #history + 1
@@ -215,26 +230,45 @@ local function forward(record, user, last)
   forwarded = true
 end
 
+-- One event's writes, all or none: what a write that fails part way had written of that event
+-- is undone (its stream entries deleted, the user's record put back), so that the retried
+-- event is never written twice; it is counted in the report only once all its writes are in.
 local out, events, written = {}, cmsgpack.unpack(ARGV[11]), 0
+local function write_one(n, e, undo)
+  local id, kind, user, touch = e[1], e[2], e[5], e[8]
+  local stream = stream_prefix .. kind
+  undo[#undo + 1] = {'XDEL', stream, redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
+    'id', id, 'kind', kind, 'channel', e[3], 'object', e[12], 'page_id', e[4],
+    'sender', e[13], 'user', user, 'timestamp', e[6], 'event', e[7], 'raw', e[14])}
+  local code, last, count = 1, nil, nil
+  if touch then
+    local key = attr_prefix .. user
+    local stored = redis.call('GET', key)
+    count, last = add_touch(key, touch, stored)
+    undo[#undo + 1] = stored and {'SET', key, stored} or {'DEL', key}
+    code = count > 1 and 3 or 2
+    undo[#undo + 1] = {'XDEL', referrals, redis.call('XADD', referrals, 'MAXLEN', '~', maxlen,
+      '*', 'user', user, 'object', e[12], 'returning', count > 1 and '1' or '0',
+      'touches', count, 'touch', e[9], 'vars', vars_of(last))}
+  end
+  if e[15] then
+    forward(e[15], user, last)
+  end
+  if touch then
+    count_touch(day_prefix .. e[10], touch, count, e[11], attr_prefix .. user)
+  end
+  out[n] = code
+end
+
 local function write_all()
   for n, e in ipairs(events) do
-    local id, kind, user, touch = e[1], e[2], e[5], e[8]
-    redis.call('XADD', stream_prefix .. kind, 'MAXLEN', '~', maxlen, '*',
-      'id', id, 'kind', kind, 'channel', e[3], 'object', e[12], 'page_id', e[4],
-      'sender', e[13], 'user', user, 'timestamp', e[6], 'event', e[7], 'raw', e[14])
-    out[n] = 1
-    local last = nil
-    if touch then
-      local count
-      count, last = add_touch(attr_prefix .. user, touch)
-      out[n] = count > 1 and 3 or 2
-      count_touch(day_prefix .. e[10], touch, count, e[11], attr_prefix .. user)
-      redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
-        'user', user, 'object', e[12], 'returning', count > 1 and '1' or '0', 'touches', count,
-        'touch', e[9], 'vars', vars_of(last))
-    end
-    if e[15] then
-      forward(e[15], user, last)
+    local undo = {}
+    local ok, err = pcall(write_one, n, e, undo)
+    if not ok then
+      for i = #undo, 1, -1 do
+        pcall(redis.call, unpack(undo[i]))
+      end
+      error(err)
     end
     written = n
   end
@@ -270,7 +304,7 @@ if failed then
   if tries < tonumber(step[12]) then
     local backoffs = step[17]
     queue_next(now + (backoffs[tries] or backoffs[#backoffs]))
-    return {out, 'retry', tries, {}}
+    return with_head(remember(steps, lane, step_id, {out, 'retry', tries}))
   end
   redis.call('XADD', step[14], '*', 'id', failed[1], 'kind', failed[2],
     'error', string.sub(failed[3], 1, 2000), 'tries', tries, 'failed_at', now,
@@ -282,7 +316,4 @@ if failed then
 end
 
 local after = next_step(lane, owner, mode == 'handoff', queue_next, now)
-if after == 'more' then
-  return {out, status .. after, tries, redis.call('LRANGE', lane, 0, tonumber(step[21]) - 1)}
-end
-return {out, status .. after, tries, {}}
+return with_head(remember(steps, lane, step_id, {out, status .. after, tries}))

@@ -168,6 +168,7 @@ class Effects:
             list(step.backoffs_ms) or [0],
             keys.forward_lane(step.lane), keys.forward_job(step.lane),
             f"fwd-{os.urandom(6).hex()}-{step.lane}", self._max_events,
+            keys.STEPS, os.urandom(8).hex(),
         ]
         client = self._clients.take()
         try:

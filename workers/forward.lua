@@ -5,7 +5,7 @@
 -- ARGV[1] the step, one MessagePack array:
 --   {list key, owner key, job id, arq try key, job try, delivered, failed, mode, next job id,
 --    lane number, queue, now ms, tries key, dead-letter stream, arq job prefix, job TTL ms,
---    id of the first event delivered}
+--    id of the first event delivered, steps hash, this call's id (shared/queue_job.lua)}
 --   delivered: how many events at the head were delivered; failed: false, or
 --   {id, status, answer, error, give up (1/0), retry at ms} for the event right after them;
 --   mode: 'more' or 'handoff' (the run's time is up).
@@ -17,6 +17,11 @@ local s = cmsgpack.unpack(ARGV[1])
 local list, owner, job_id, delivered, failed = s[1], s[2], s[3], s[6], s[7]
 if not owns(owner, job_id, s[4], s[5]) then
   return redis.error_reply('LANELOST this run no longer owns ' .. list)
+end
+local steps, step_id = s[18], s[19]
+local again = replayed(steps, list, step_id)
+if again then
+  return again
 end
 
 local tries_key, now = s[13], tonumber(s[12])
@@ -34,7 +39,7 @@ if failed then
   tries = redis.call('HINCRBY', tries_key, failed[1], 1)
   if failed[5] ~= 1 then
     queue_next(failed[6])
-    return {'retry', tries}
+    return remember(steps, list, step_id, {'retry', tries})
   end
   redis.call('XADD', s[14], '*', 'id', failed[1], 'lane', s[10], 'status', failed[2],
     'answer', string.sub(failed[3], 1, 500), 'error', string.sub(failed[4], 1, 500),
@@ -44,4 +49,5 @@ if failed then
   status = 'dead '
 end
 
-return {status .. next_step(list, owner, s[8] == 'handoff', queue_next, now), tries}
+return remember(steps, list, step_id,
+  {status .. next_step(list, owner, s[8] == 'handoff', queue_next, now), tries})

@@ -200,7 +200,7 @@ async def forward_job(ctx: dict[str, Any], *, lane: int) -> int:
                 "handoff" if time.monotonic() >= until else "more",
                 f"fwd-{os.urandom(6).hex()}-{lane}", lane, settings.queue_name,
                 int(time.time() * 1000), keys.FORWARD_TRIES, keys.FORWARD_DEAD, job_key_prefix,
-                JOB_TTL_MS, first,
+                JOB_TTL_MS, first, keys.STEPS, os.urandom(8).hex(),
             ]
             try:
                 status, _ = await script(args=[msgspec.msgpack.encode(step)])

@@ -37,9 +37,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import msgspec
@@ -53,6 +55,7 @@ from shared.codec import QueuedEvent, decode_event
 from shared.events import Event
 from shared.jsontext import loads
 from shared.kinds import UNKNOWN, refine
+from shared.lanes import with_queue_job
 from shared.settings import Settings
 from workers import metrics, registry, wire
 from workers.deadletters import bury
@@ -60,6 +63,8 @@ from workers.effects import Effects, Failed, LaneLost, Outcome, Row, Step
 from workers.normalize import normalize
 
 log = logging.getLogger("fbhook.worker")
+
+BURY_LUA = with_queue_job(resources.files("workers").joinpath("bury.lua").read_text())
 
 HANDLER_SHARE = 0.5
 """Handlers of one batch get this share of JOB_TIMEOUT_SECONDS; one still running then fails."""
@@ -180,16 +185,10 @@ class _Run:
         if not blobs:
             await self.redis.delete(keys.lane_job(self.step.lane))
             return False
-        now = int(time.time() * 1000)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for blob in blobs:
-                event_id = _event_id(blob)
-                pipe.xadd(keys.DEAD_LETTERS, {
-                    "id": event_id, "kind": UNKNOWN, "error": error[:2000],
-                    "tries": self.step.job_try, "failed_at": now, "payload": blob})
-                pipe.set(keys.seen(event_id), "x", ex=self.settings.dedupe_ttl_s)
-            pipe.ltrim(lane, len(blobs), -1)
-            await pipe.execute()
+        await self.redis.register_script(BURY_LUA)(args=[
+            lane, keys.STEPS, os.urandom(8).hex(), keys.DEAD_LETTERS, keys.SEEN_PREFIX,
+            self.settings.dedupe_ttl_s, UNKNOWN, error[:2000], self.step.job_try,
+            int(time.time() * 1000), len(blobs), *(_event_id(b) for b in blobs), *blobs])
         metrics.DEAD.labels(UNKNOWN).inc(len(blobs))
         return True
 
