@@ -186,3 +186,25 @@ def handlers() -> Iterator[Callable[[str, Handler], None]]:
     yield add
     for kind, fn in added:
         registry.remove(kind, fn)
+
+
+def lose_one_reply(monkeypatch: pytest.MonkeyPatch, lost: Callable[[Any], bool]) -> list[Any]:
+    """From now on, the first Redis reply that `lost` picks is read and then lost, as when the
+    connection drops after Redis answered: the client sees a connection error (and retries).
+    Returns the list the lost reply is put in."""
+    from redis.asyncio.connection import AbstractConnection
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    original = AbstractConnection.read_response
+    dropped: list[Any] = []
+
+    async def lossy(self: AbstractConnection, *args: Any, **kwargs: Any) -> Any:
+        reply = await original(self, *args, **kwargs)
+        if not dropped and lost(reply):
+            dropped.append(reply)
+            await self.disconnect(nowait=True)
+            raise RedisConnectionError("Connection reset by peer (the reply was lost)")
+        return reply
+
+    monkeypatch.setattr(AbstractConnection, "read_response", lossy)
+    return dropped

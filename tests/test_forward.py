@@ -29,7 +29,7 @@ from shared.lanes import lane_of
 from shared.settings import Settings
 from shared.signing import sign
 from tests import payloads as p
-from tests.conftest import SECRET, Post, RunWorkers, stream_rows, wait_for
+from tests.conftest import SECRET, Post, RunWorkers, lose_one_reply, stream_rows, wait_for
 from tests.receiver import FORWARD_SECRET, Receiver, Reply, serving
 from tests.redis_server import RedisProcess, free_port
 from workers.forward import (
@@ -590,25 +590,12 @@ async def test_a_forward_step_whose_reply_was_lost_is_not_run_twice(
     """The connection drops after Redis ran a forward step (events delivered, taken off the
     list) but before its reply was read, and the pool sends the call again: the events after
     them must not be taken off unsent."""
-    from redis.asyncio.connection import AbstractConnection
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    original = AbstractConnection.read_response
-    dropped: list[Any] = []
-
-    async def lossy(self: AbstractConnection, *args: Any, **kwargs: Any) -> Any:
-        reply = await original(self, *args, **kwargs)
-        if not dropped and isinstance(reply, list) and len(reply) == 2 and reply[0] == b"more":
-            dropped.append(reply)
-            await self.disconnect(nowait=True)
-            raise RedisConnectionError("Connection reset by peer (the reply was lost)")
-        return reply
-
     count = BATCH + 20
     items = [p.text_message(mid=f"lost-{i}", sender="lost-user", ts=1_700_000_000_000 + i)
              for i in range(count)]
     assert (await post(p.body(*items))).status == 200
-    monkeypatch.setattr(AbstractConnection, "read_response", lossy)
+    dropped = lose_one_reply(monkeypatch, lambda reply: isinstance(reply, list)
+                             and len(reply) == 2 and reply[0] == b"more")
     await workers(1)
     await wait_for(lambda: len(receiver.delivered()) >= count)
     await asyncio.sleep(0.3)  # a repeat would show now

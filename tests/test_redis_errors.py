@@ -8,14 +8,12 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from shared import keys
 from shared.settings import Settings
 from tests import payloads as p
-from tests.conftest import Post, stream_rows
+from tests.conftest import Post, lose_one_reply, stream_rows
 from workers import deadletters
 from workers import lanes as jobs
 from workers.effects import WRITTEN, Effects, LaneLost, Step
@@ -148,21 +146,11 @@ async def test_a_step_whose_reply_was_lost_is_not_run_twice(
     pool sends the call again (it retries connection errors). The second call must not write
     the events again, nor take the events after them off the lane unwritten (it once did
     both: m0, m1, m0, m1, and m2 and m3 gone)."""
-    original = AbstractConnection.read_response
-    dropped: list[Any] = []
-
-    async def lossy(self: AbstractConnection, *args: Any, **kwargs: Any) -> Any:
-        reply = await original(self, *args, **kwargs)
-        if not dropped and isinstance(reply, list) and len(reply) == 4 and reply[1] == b"more":
-            dropped.append(reply)
-            await self.disconnect(nowait=True)
-            raise RedisConnectionError("Connection reset by peer (the reply was lost)")
-        return reply
-
     items = [p.text_message(mid=f"m{i}", sender="u1", ts=1_700_000_000_000 + i)
              for i in range(4)]
     assert (await post(p.body(*items))).status == 200
-    monkeypatch.setattr(AbstractConnection, "read_response", lossy)
+    dropped = lose_one_reply(monkeypatch, lambda reply: isinstance(reply, list)
+                             and len(reply) == 4 and reply[1] == b"more")
     await drain_with(dataclasses.replace(settings, job_max_events=2))
     monkeypatch.undo()
     assert len(dropped) == 1
