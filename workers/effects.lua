@@ -233,49 +233,60 @@ end
 -- One event's writes, all or none: what a write that fails part way had written of that event
 -- is undone (its stream entries deleted, the user's record put back), so that the retried
 -- event is never written twice; it is counted in the report only once all its writes are in.
+-- The event being written keeps what it wrote in these (no table per event: the hot path).
 local out, events, written = {}, cmsgpack.unpack(ARGV[11]), 0
-local function write_one(n, e, undo)
-  local id, kind, user, touch = e[1], e[2], e[5], e[8]
-  local stream = stream_prefix .. kind
-  undo[#undo + 1] = {'XDEL', stream, redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-    'id', id, 'kind', kind, 'channel', e[3], 'object', e[12], 'page_id', e[4],
-    'sender', e[13], 'user', user, 'timestamp', e[6], 'event', e[7], 'raw', e[14])}
-  local code, last, count = 1, nil, nil
-  if touch then
-    local key = attr_prefix .. user
-    local stored = redis.call('GET', key)
-    count, last = add_touch(key, touch, stored)
-    undo[#undo + 1] = stored and {'SET', key, stored} or {'DEL', key}
-    code = count > 1 and 3 or 2
-    undo[#undo + 1] = {'XDEL', referrals, redis.call('XADD', referrals, 'MAXLEN', '~', maxlen,
-      '*', 'user', user, 'object', e[12], 'returning', count > 1 and '1' or '0',
-      'touches', count, 'touch', e[9], 'vars', vars_of(last))}
-  end
-  if e[15] then
-    forward(e[15], user, last)
-  end
-  if touch then
-    count_touch(day_prefix .. e[10], touch, count, e[11], attr_prefix .. user)
-  end
-  out[n] = code
-end
+local u_stream, u_entry, u_key, u_stored, u_referral
 
 local function write_all()
   for n, e in ipairs(events) do
-    local undo = {}
-    local ok, err = pcall(write_one, n, e, undo)
-    if not ok then
-      for i = #undo, 1, -1 do
-        pcall(redis.call, unpack(undo[i]))
-      end
-      error(err)
+    local id, kind, user, touch = e[1], e[2], e[5], e[8]
+    u_stream, u_entry, u_key, u_referral = stream_prefix .. kind, nil, nil, nil
+    u_entry = redis.call('XADD', u_stream, 'MAXLEN', '~', maxlen, '*',
+      'id', id, 'kind', kind, 'channel', e[3], 'object', e[12], 'page_id', e[4],
+      'sender', e[13], 'user', user, 'timestamp', e[6], 'event', e[7], 'raw', e[14])
+    local code, last, count = 1, nil, nil
+    if touch then
+      local key = attr_prefix .. user
+      local stored = redis.call('GET', key)
+      count, last = add_touch(key, touch, stored)
+      u_key, u_stored = key, stored
+      code = count > 1 and 3 or 2
+      u_referral = redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
+        'user', user, 'object', e[12], 'returning', count > 1 and '1' or '0', 'touches', count,
+        'touch', e[9], 'vars', vars_of(last))
     end
+    if e[15] then
+      forward(e[15], user, last)
+    end
+    if touch then
+      count_touch(day_prefix .. e[10], touch, count, e[11], attr_prefix .. user)
+    end
+    out[n] = code
     written = n
+  end
+end
+
+local function undo_failed_event()
+  if u_referral then
+    pcall(redis.call, 'XDEL', referrals, u_referral)
+  end
+  if u_key then
+    if u_stored then
+      pcall(redis.call, 'SET', u_key, u_stored)
+    else
+      pcall(redis.call, 'DEL', u_key)
+    end
+  end
+  if u_entry then
+    pcall(redis.call, 'XDEL', u_stream, u_entry)
   end
 end
 
 -- The report counters of the events written are added even when a write fails part way.
 local ok, err = pcall(write_all)
+if not ok then
+  undo_failed_event()
+end
 write_counts()
 if forwarded and redis.call('EXISTS', step[19]) == 0 then
   local now = tonumber(step[11])
