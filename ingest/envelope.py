@@ -22,7 +22,7 @@ from msgspec import UNSET, UnsetType
 
 from shared.codec import QueuedEvent, encode_event
 from shared.errors import BadRequest
-from shared.identity import as_id, sender_from, sender_of
+from shared.identity import SenderIds, as_id, sender_from, sender_of
 from shared.jsontext import decode, without_lone_surrogates
 from shared.kinds import MID_KINDS, UNKNOWN, change_kind, classify, is_messaging_value, message_kind
 
@@ -52,18 +52,13 @@ class _MidHead(msgspec.Struct):
     is_deleted: Any = None
 
 
-class _Sender(msgspec.Struct):
-    id: Any = None
-    user_ref: Any = None
-
-
 class _Head(msgspec.Struct):
     """A typed glance at an item: enough to route a message or postback that has a mid (most
     traffic) without building the item as Python objects. UNSET: the key is absent."""
 
     message: _MidHead | UnsetType | None = UNSET
     postback: _MidHead | UnsetType | None = UNSET
-    sender: _Sender | None = None
+    sender: SenderIds | None = None
     """An item whose `sender` is not an object takes the plain-values path (same result)."""
 
 
@@ -234,8 +229,7 @@ class _Reader:
             mid = as_id(body.mid) if isinstance(body, _MidHead) else None
             if mid:
                 self._add(raw, kind, channel, page, None, at, f"{kind}:{mid}",
-                          None if head.sender is None else
-                          sender_from(self.obj, head.sender.id, head.sender.user_ref))
+                          sender_from(self.obj, head.sender))
                 return
         item = decode(raw)
         self._add(raw, classify(item[0]), channel, page, item, at)

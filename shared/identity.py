@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import msgspec
+
 _INT_RANGE: Final = (-(2**63), 2**64)
 
 PSID: Final = "psid"
@@ -82,8 +84,17 @@ def sender_of(envelope_object: str, channel: str, item: Any) -> tuple[str, str] 
     return None if space is None else (space[1], user_key(*space))
 
 
-def sender_from(envelope_object: str, sender_id: Any, user_ref: Any) -> tuple[str, str] | None:
-    """`sender_of` for a messaging or standby item whose `sender` object was read already: its
-    `id` and `user_ref` values (ingest's typed glance, workers/wire.py)."""
-    space = _space(envelope_object, sender_id, user_ref)
+class SenderIds(msgspec.Struct):
+    """An item's `sender` object read by type (ingest's typed glance, workers/wire.py): an item
+    whose `sender` is not an object fails that decode and is read from plain values instead."""
+
+    id: Any = None
+    user_ref: Any = None
+
+
+def sender_from(envelope_object: str, sender: SenderIds | None) -> tuple[str, str] | None:
+    """`sender_of` for a messaging or standby item whose `sender` object was read by type."""
+    if sender is None:
+        return None
+    space = _space(envelope_object, sender.id, sender.user_ref)
     return None if space is None else (space[1], user_key(*space))

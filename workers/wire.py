@@ -17,17 +17,12 @@ import msgspec
 
 from shared import events as ev
 from shared.codec import QueuedEvent
-from shared.identity import sender_from
+from shared.identity import SenderIds, sender_from
 from shared.timestamps import to_millis
 from workers.normalize import base_of, s
 
 
-class _Ids(msgspec.Struct):
-    id: Any = None
-    user_ref: Any = None
-
-
-class _Product(msgspec.Struct):
+class _Id(msgspec.Struct):
     id: Any = None
 
 
@@ -39,7 +34,7 @@ class _Referral(msgspec.Struct):
     ads_context_data: Any = None
     referer_uri: Any = None
     origin_domain: Any = None
-    product: _Product | None = None
+    product: _Id | None = None
 
 
 class _Payload(msgspec.Struct):
@@ -70,8 +65,8 @@ class _Postback(msgspec.Struct):
 
 
 class _Item(msgspec.Struct):
-    sender: _Ids | None = None
-    recipient: _Ids | None = None
+    sender: SenderIds | None = None
+    recipient: _Id | None = None
     timestamp: Any = None
     message: _Message | None = None
     postback: _Postback | None = None
@@ -79,7 +74,7 @@ class _Item(msgspec.Struct):
 
 
 _decode = msgspec.json.Decoder(_Item).decode
-_NO_IDS, _NO_MESSAGE, _NO_POSTBACK = _Ids(), _Message(), _Postback()
+_NO_MESSAGE, _NO_POSTBACK = _Message(), _Postback()
 
 
 def _referral(r: _Referral | None) -> ev.Referral | None:
@@ -135,8 +130,7 @@ def event_of(queued: QueuedEvent) -> ev.Event | None:
         item = _decode(queued.raw)
     except msgspec.MsgspecError:
         return None
-    sender = item.sender or _NO_IDS
     recipient = item.recipient.id if item.recipient is not None else None
-    base = base_of(queued, queued.kind, sender_from(queued.object, sender.id, sender.user_ref),
+    base = base_of(queued, queued.kind, sender_from(queued.object, item.sender),
                    s(recipient), to_millis(item.timestamp))
     return reader(base, item)
