@@ -27,13 +27,16 @@ from urllib.parse import parse_qsl, unquote
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 log = logging.getLogger("fbhook.redis")
 
 SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 DEFAULT_PORT = 26379
 TLS_OPTIONS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs"})
+AUTH_OPTIONS = frozenset({"sentinel_username", "sentinel_password"})
+"""For sentinels that require a password of their own (`requirepass` in sentinel.conf; Bitnami's
+chart sets the data nodes' one by default)."""
 
 FOLLOW_INTERVAL_S = 0.5
 """How often a pool asks the sentinels where the primary is. Sentinels name the new primary
@@ -57,15 +60,18 @@ def is_sentinel_url(url: str) -> bool:
 class SentinelURL:
     """`redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/<service>[/db]`, or
     `rediss+sentinel://` for TLS to the sentinels and the data nodes alike. The password is the
-    data nodes'; the sentinels are asked without one."""
+    data nodes'; the sentinels are asked with `?sentinel_password=` (and `sentinel_username=`)
+    when given, else without one."""
 
     sentinels: tuple[Address, ...]
     service: str
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
     tls_options: dict[str, str] = field(default_factory=dict)
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
 
 
 def parse(url: str) -> SentinelURL:
@@ -94,11 +100,14 @@ def parse(url: str) -> SentinelURL:
         db = int(parts[1])
     options = dict(parse_qsl(query, keep_blank_values=True))
     tls = scheme == "rediss+sentinel"
-    unknown = set(options) - (TLS_OPTIONS if tls else set())
+    allowed = AUTH_OPTIONS | (TLS_OPTIONS if tls else set())
+    unknown = set(options) - allowed
     if unknown:
-        allowed = f"only {', '.join(sorted(TLS_OPTIONS))}" if tls else "none (plain TCP)"
-        raise ValueError(f"unknown option {sorted(unknown)[0]!r}: a Sentinel URL takes {allowed}")
-    return SentinelURL(sentinels, unquote(parts[0]), db, username, password, tls, options)
+        raise ValueError(f"unknown option {sorted(unknown)[0]!r}: a {scheme}:// URL takes only "
+                         f"{', '.join(sorted(allowed))}")
+    auth = {name: options.pop(name) or None for name in sorted(AUTH_OPTIONS & set(options))}
+    return SentinelURL(sentinels, unquote(parts[0]), db, username, password, tls, options,
+                       **auth)
 
 
 def _address(part: str) -> Address:
@@ -125,8 +134,9 @@ def following_pool(url: str, **connection_kwargs: Any) -> FollowingPool:
     tls: dict[str, Any] = {"ssl": True, **parsed.tls_options} if parsed.tls else {}
     to_sentinels = {k: v for k, v in connection_kwargs.items()
                     if k in {"socket_timeout", "socket_connect_timeout"}}
+    auth = {"username": parsed.sentinel_username, "password": parsed.sentinel_password}
     manager = Sentinel(  # type: ignore[no-untyped-call]
-        list(parsed.sentinels), sentinel_kwargs={**to_sentinels, **tls})
+        list(parsed.sentinels), sentinel_kwargs={**to_sentinels, **tls, **auth})
     return FollowingPool(
         parsed.service, manager, db=parsed.db, username=parsed.username,
         password=parsed.password, **tls, **connection_kwargs,
@@ -185,11 +195,12 @@ class FollowingPool(SentinelConnectionPool):
             except TimeoutError:
                 raise MasterNotFoundError(f"a failover of {self.service_name!r} is under way"
                                           ) from None
-        address = await ask_sentinels(self.sentinel_manager.sentinels, self.service_name)
+        errors: list[str] = []
+        address = await ask_sentinels(self.sentinel_manager.sentinels, self.service_name, errors)
         if address is None:
             raise MasterNotFoundError(
                 f"no majority of the {len(self.sentinel_manager.sentinels)} sentinels names a "
-                f"primary for {self.service_name!r}")
+                f"primary for {self.service_name!r}" + "".join(f"; {e}" for e in errors[:3]))
         if self.holding and address == self._held_from:
             raise MasterNotFoundError(f"a failover of {self.service_name!r} is under way")
         await self.follow(address)
@@ -297,12 +308,14 @@ def _text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-async def ask_sentinels(sentinels: Sequence[Redis], service: str) -> Address | None:
+async def ask_sentinels(sentinels: Sequence[Redis], service: str,
+                        errors: list[str] | None = None) -> Address | None:
     """The primary a majority of `sentinels` name for `service`, as soon as that many agree;
-    None when no address gets a majority (sentinels down, cut off, or in disagreement)."""
+    None when no address gets a majority (sentinels down, cut off, or in disagreement). What a
+    sentinel refused with (a password it wants, a name it does not monitor) goes to `errors`."""
     need = len(sentinels) // 2 + 1
     votes: collections.Counter[Address] = collections.Counter()
-    tasks = [asyncio.ensure_future(_ask(s, service)) for s in sentinels]
+    tasks = [asyncio.ensure_future(_ask(s, service, errors)) for s in sentinels]
     try:
         for answer in asyncio.as_completed(tasks):
             address = await answer
@@ -317,10 +330,16 @@ async def ask_sentinels(sentinels: Sequence[Redis], service: str) -> Address | N
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _ask(sentinel: Redis, service: str) -> Address | None:
+async def _ask(sentinel: Redis, service: str, errors: list[str] | None) -> Address | None:
     try:
         reply = await sentinel.execute_command(  # type: ignore[no-untyped-call]
             "SENTINEL GET-MASTER-ADDR-BY-NAME", service)
+    except (ResponseError, AuthenticationError) as exc:  # an answer; it never holds a password
+        if errors is not None:
+            where = sentinel.connection_pool.connection_kwargs
+            errors.append(f"sentinel {where.get('host')}:{where.get('port')} answered "
+                          f"{str(exc)[:200]}")
+        return None
     except (RedisError, OSError):
         return None
     if not reply:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -221,13 +222,15 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """Hide the password of a Redis URL."""
+    """Hide the passwords of a Redis URL: the one before `@` and any `...password=` option."""
     scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}"
+    rest, question, query = rest.partition("?")
+    if question:
+        query = re.sub(r"((?:^|&)[^=&]*password=)[^&]*", r"\1***", query, flags=re.IGNORECASE)
+    if "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        rest = f"{creds.split(':', 1)[0]}:***@{host}"
+    return f"{scheme}{sep}{rest}{question}{query}"
 
 
 # variable -> (Settings field, parser, required)

@@ -7,10 +7,12 @@ The slow tests print what they measured (pytest -s): docs/failover.md quotes tho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from redis.asyncio import Redis
+from redis.asyncio.sentinel import MasterNotFoundError
 
 from cli.failover import planned_failover
 from shared import sentinel as sentinel_module
@@ -29,6 +33,7 @@ from shared.sentinel import DEFAULT_PORT, FOLLOW_INTERVAL_S, SentinelURL, parse
 from shared.settings import Settings, redact_url
 from tests.ha import SERVICE, Answer, Endpoint, Node, Topology, outage, send_timed, topology
 from tests.processes import message_item, processed_ids, services, wait_processed
+from tests.redis_server import free_port, redis_server, server_binary
 
 FOUND_WITHIN_S = 2.0
 """The issue's bound: after a failover, clients find the new primary within about 2 s, and
@@ -77,6 +82,76 @@ def test_a_sentinel_urls_password_never_shows_in_an_error_or_the_redacted_settin
     settings = Settings.for_tools({"REDIS_URL": "redis+sentinel://:hunter2@h1:1,h2:2/svc"})
     assert settings.redacted()["redis_url"] == "redis+sentinel://:***@h1:1,h2:2/svc"
     assert redact_url(settings.redis_url) == "redis+sentinel://:***@h1:1,h2:2/svc"
+
+
+def test_a_sentinel_password_is_an_option_of_the_url_and_never_shown() -> None:
+    url = ("redis+sentinel://:data%40pw@h1/svc?sentinel_username=ops"
+           "&sentinel_password=s3nt%2Bpw%26")
+    parsed = parse(url)
+    assert (parsed.password, parsed.sentinel_username, parsed.sentinel_password) == (
+        "data@pw", "ops", "s3nt+pw&")
+    assert "pw" not in repr(parsed)
+    settings = Settings.for_tools({"REDIS_URL": url})
+    assert settings.redacted()["redis_url"] == (
+        "redis+sentinel://:***@h1/svc?sentinel_username=ops&sentinel_password=***")
+    with pytest.raises(ConfigError) as caught:
+        Settings.for_tools({"REDIS_URL": url.replace("h1", "h1:x")})
+    assert "s3nt" not in str(caught.value)
+
+
+@contextlib.contextmanager
+def guarded_sentinel(tmp: Path, password: str) -> Iterator[str]:
+    """A primary and one sentinel of it that requires `password`; yields the sentinel's
+    `host:port`."""
+    with redis_server() as primary:
+        port = free_port()
+        conf = tmp / "sentinel.conf"
+        conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp}\nrequirepass {password}\n"
+                        f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} 1\n")
+        process = subprocess.Popen([server_binary(), str(conf), "--sentinel"], cwd=tmp,
+                                   stdout=subprocess.DEVNULL)
+        try:
+            with redis.Redis(port=port, password=password) as sentinel:
+                deadline = time.monotonic() + 10
+                while True:
+                    with contextlib.suppress(redis.RedisError):
+                        if sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                                                    SERVICE):
+                            break
+                    assert time.monotonic() < deadline, "the sentinel never answered"
+                    time.sleep(0.05)
+            yield f"127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+async def test_sentinels_that_require_a_password_are_asked_with_the_urls_one(
+    tmp_path: Path,
+) -> None:
+    """Sentinels with `requirepass` of their own (Bitnami's chart sets one): the URL's
+    `sentinel_password` reaches them; without it, or with a wrong one, the error says what the
+    sentinel answered, and never the password."""
+    with guarded_sentinel(tmp_path, "s3nt+pw") as sentinel:
+        base = f"redis+sentinel://{sentinel}/{SERVICE}"
+        client = connect(Settings.for_tools({"REDIS_URL": base + "?sentinel_password=s3nt%2Bpw"}))
+        try:
+            await client.set("reached", "yes")
+            assert await client.get("reached") == b"yes"
+        finally:
+            await client.aclose()
+        for query, answer in (("", "Authentication required"),
+                              ("?sentinel_password=wrong-pw", "invalid username-password")):
+            client = connect(Settings.for_tools({"REDIS_URL": base + query}))
+            try:
+                with pytest.raises(MasterNotFoundError) as caught:
+                    await client.ping()
+            finally:
+                await client.aclose()
+            message = str(caught.value)
+            assert f"sentinel {sentinel} answered" in message, message
+            assert answer in message, message
+            assert "wrong-pw" not in message and "s3nt" not in message, message
 
 
 def test_other_schemes_are_refused_with_every_accepted_one_named() -> None:
