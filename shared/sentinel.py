@@ -35,8 +35,7 @@ SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 DEFAULT_PORT = 26379
 TLS_OPTIONS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs"})
 AUTH_OPTIONS = frozenset({"sentinel_username", "sentinel_password"})
-"""For sentinels that require a password of their own (`requirepass` in sentinel.conf; Bitnami's
-chart sets the data nodes' one by default)."""
+"""For sentinels that require a password of their own (`requirepass` in sentinel.conf)."""
 
 FOLLOW_INTERVAL_S = 0.5
 """How often a pool asks the sentinels where the primary is. Sentinels name the new primary

@@ -129,7 +129,7 @@ def guarded_sentinel(tmp: Path, password: str) -> Iterator[str]:
 async def test_sentinels_that_require_a_password_are_asked_with_the_urls_one(
     tmp_path: Path,
 ) -> None:
-    """Sentinels with `requirepass` of their own (Bitnami's chart sets one): the URL's
+    """Sentinels with `requirepass` of their own (hardened setups have one): the URL's
     `sentinel_password` reaches them; without it, or with a wrong one, the error says what the
     sentinel answered, and never the password."""
     with guarded_sentinel(tmp_path, "s3nt+pw") as sentinel:
