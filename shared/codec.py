@@ -36,6 +36,10 @@ class QueuedEvent(msgspec.Struct, frozen=True, omit_defaults=True):
         """The item exactly as Facebook sent it."""
         return self.text if self.text is not None else bytes(self.raw).decode()
 
+    def raw_bytes(self) -> bytes:
+        """The item exactly as Facebook sent it, as bytes."""
+        return bytes(self.raw) if self.text is None else self.text.encode()
+
 
 JOB_TTL_MS = 7 * 86_400_000
 """arq drops a job whose key has expired: queued jobs are kept a week, not arq's default day."""

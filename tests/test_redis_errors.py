@@ -114,6 +114,23 @@ async def test_a_write_failing_part_way_keeps_what_was_written_exactly_once(
     await effects.aclose()
 
 
+async def test_a_step_after_the_scripts_were_flushed_loads_its_script_and_writes_once(
+    redis: Redis, settings: Settings
+) -> None:
+    """A Redis that lost its scripts (restarted, or a replica promoted) answers NOSCRIPT: the
+    step's call (workers/packed_call.py) loads the script and sends the same call again."""
+    now_ms = int(time.time() * 1000)
+    rows = [p.row("message", f"message:n{n}", "messaging", "PAGE", now_ms,
+                  p.text_message(mid=f"n{n}")) for n in range(2)]
+    effects = Effects(redis, settings)
+    await p.step(effects, redis, [])  # the script is loaded
+    await redis.script_flush()
+    outcome = await p.step(effects, redis, rows)
+    assert (outcome.codes, outcome.status) == ([WRITTEN, WRITTEN], "ended")
+    assert [r["id"] for r in await stream_rows(redis, "message")] == ["message:n0", "message:n1"]
+    await effects.aclose()
+
+
 async def test_a_run_that_no_longer_owns_its_lane_writes_nothing(
     redis: Redis, settings: Settings
 ) -> None:

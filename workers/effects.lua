@@ -6,11 +6,10 @@
 -- ARGV[7..10] key prefixes: seen, event stream, attribution, report day
 -- ARGV[11] the events, one MessagePack array of arrays (one argument instead of a dozen per
 --          event: packing arguments was half a worker's time), the lane's head in order:
---   {id, kind, channel, page id, user, timestamp ms, event JSON, touch, touch JSON, day,
---    ad title, object, sender, raw, forward record or false}
+--   {id, kind, channel, page id, user, timestamp ms, touch, touch JSON, day, ad title, object,
+--    sender, forward record or false}
 --   where user is the key of the sender's attribution record (shared/identity.py), sender the
---   id as sent, raw the item exactly as Facebook sent it, and touch a positional array
---   (shared/attribution.py POSITIONS) or false.
+--   id as sent, and touch a positional array (shared/attribution.py POSITIONS) or false.
 -- ARGV[12] the step, one MessagePack array (workers/effects.py Step):
 --   {lane key, owner key, job id, arq try key, job try, failed, mode, next job id, lane number,
 --    queue, now ms, max tries, tries key, dead-letter stream, arq job prefix, job TTL ms,
@@ -20,6 +19,9 @@
 --   failed: false, or {id, kind, error} of the event right after the rows, which failed before
 --   it could be written; mode: 'more' (the job goes on while the lane has events) or 'handoff'
 --   (its time is up: a new job takes the lane over).
+-- ARGV[13..] two per event, in the same order: its event JSON, and its raw item exactly as
+--   Facebook sent it (arguments of their own: Lua copies a string out of MessagePack again,
+--   about 1.5 us an event here; workers/packed_call.py).
 --
 -- Fencing: only the run that owns the lane writes. The lane's owner key names the job, and arq's
 -- try counter of that job names the run (every claim increments it): a run presumed dead (its
@@ -239,11 +241,12 @@ local u_stream, u_entry, u_key, u_stored, u_referral
 
 local function write_all()
   for n, e in ipairs(events) do
-    local id, kind, user, touch = e[1], e[2], e[5], e[8]
+    local id, kind, user, touch = e[1], e[2], e[5], e[7]
     u_stream, u_entry, u_key, u_referral = stream_prefix .. kind, nil, nil, nil
     u_entry = redis.call('XADD', u_stream, 'MAXLEN', '~', maxlen, '*',
-      'id', id, 'kind', kind, 'channel', e[3], 'object', e[12], 'page_id', e[4],
-      'sender', e[13], 'user', user, 'timestamp', e[6], 'event', e[7], 'raw', e[14])
+      'id', id, 'kind', kind, 'channel', e[3], 'object', e[11], 'page_id', e[4],
+      'sender', e[12], 'user', user, 'timestamp', e[6], 'event', ARGV[11 + 2 * n],
+      'raw', ARGV[12 + 2 * n])
     local code, last, count = 1, nil, nil
     if touch then
       local key = attr_prefix .. user
@@ -252,14 +255,14 @@ local function write_all()
       u_key, u_stored = key, stored
       code = count > 1 and 3 or 2
       u_referral = redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
-        'user', user, 'object', e[12], 'returning', count > 1 and '1' or '0', 'touches', count,
-        'touch', e[9], 'vars', vars_of(last))
+        'user', user, 'object', e[11], 'returning', count > 1 and '1' or '0', 'touches', count,
+        'touch', e[8], 'vars', vars_of(last))
     end
-    if e[15] then
-      forward(e[15], user, last)
+    if e[13] then
+      forward(e[13], user, last)
     end
     if touch then
-      count_touch(day_prefix .. e[10], touch, count, e[11], attr_prefix .. user)
+      count_touch(day_prefix .. e[9], touch, count, e[10], attr_prefix .. user)
     end
     out[n] = code
     written = n

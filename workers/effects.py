@@ -24,6 +24,7 @@ from shared.pinned import Pinned
 from shared.report import RETENTION_DAYS, day_of
 from shared.settings import Settings
 from workers import metrics
+from workers.packed_call import bulk_pair, call
 from workers.touches import touch_of
 
 
@@ -63,6 +64,9 @@ class Row(NamedTuple):
     """One event's arguments to effects.lua, and its touch's source (for the metrics)."""
 
     values: tuple[Any, ...]
+    """Packed with the other rows' into one MessagePack argument."""
+    texts: bytes
+    """The event's JSON and its raw item, as two arguments of their own (workers/packed_call)."""
     source: str | None
 
     @property
@@ -122,16 +126,16 @@ class Effects:
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
-        self._script = redis.register_script(EFFECTS_LUA)
+        self._sha = redis.register_script(EFFECTS_LUA).sha
         self._clients = Pinned(redis)
         self._queue, self._max_tries = settings.queue_name, settings.job_max_tries
         self._max_events = settings.job_max_events
         self._forward, self._forward_kinds = bool(settings.forward_url), settings.forward_kinds
-        self._header = (
+        self._header = [str(value).encode() for value in (
             settings.dedupe_ttl_s, settings.stream_maxlen, settings.history_cap,
             keys.REFERRALS_STREAM, keys.REPORT_ADS, RETENTION_DAYS * 86400,
             keys.SEEN_PREFIX, keys.STREAM_PREFIX, keys.ATTR_PREFIX, keys.REPORT_PREFIX,
-        )
+        )]
 
     def forwards(self, kind: str) -> bool:
         """Whether events of `kind` are forwarded to FORWARD_URL (FORWARD_KINDS, else all)."""
@@ -143,15 +147,17 @@ class Effects:
         Raises if the event cannot be encoded: the caller then fails that event alone."""
         touch = touch_of(event, queued.received_ms)
         head = (event.id, event.kind, event.channel, event.page_id or "", event.user or "",
-                event.timestamp, _text(event))
-        raw = queued.raw_text()
+                event.timestamp)
+        raw = queued.raw_bytes()
+        texts = bulk_pair(_json(event), raw)
         record = _text(ForwardRecord(event.id, event.kind, queued.object, event.page_id,
-                                     queued.channel, queued.received_ms, raw)) if forward else False
-        tail = (queued.object, event.sender or "", raw, record)
+                                     queued.channel, queued.received_ms,
+                                     raw.decode())) if forward else False
+        tail = (queued.object, event.sender or "", record)
         if touch is None:
-            return Row((*head, False, False, False, False, *tail), None)
+            return Row((*head, False, False, False, False, *tail), texts, None)
         return Row((*head, pack_touch(touch), _text(touch_dict(touch)), day_of(touch.timestamp),
-                    _ad_title(touch), *tail), touch.source)
+                    _ad_title(touch), *tail), texts, touch.source)
 
     async def write(self, rows: list[Row], step: Step) -> Outcome:
         """Write the rows (the lane's head, in order), take them off the lane and decide the
@@ -172,9 +178,9 @@ class Effects:
         ]
         client = self._clients.take()
         try:
-            reply = await self._script(
-                args=[*self._header, _pack([r.values for r in rows]), _pack(args)],
-                client=client)
+            reply = await call(client, self._sha, EFFECTS_LUA,
+                               [*self._header, _pack([r.values for r in rows]), _pack(args)],
+                               [r.texts for r in rows], 2 * len(rows))
         except ResponseError as exc:
             if str(exc).startswith("LANELOST"):
                 raise LaneLost(str(exc)) from None
