@@ -22,7 +22,8 @@ from redis.asyncio import Redis
 from ingest import metrics
 from ingest.envelope import Routed
 from shared.errors import QueueUnavailable
-from shared.lanes import ENQUEUE_LUA, enqueue_args
+from shared.lanes import ENQUEUE_LUA, enqueue_parts
+from shared.packed_call import bulk, call
 from shared.pinned import Pinned
 from shared.redis import wait_replicas
 from shared.settings import Settings
@@ -50,7 +51,7 @@ class Enqueuer:
     """Coalesces concurrent `put` calls into atomic enqueue-with-dedupe Lua calls."""
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
-        self._script = redis.register_script(ENQUEUE_LUA)
+        self._sha = redis.register_script(ENQUEUE_LUA).sha
         self._clients = Pinned(redis)  # a call goes out as soon as it is built
         self._settings = settings
         self._deadline_s = settings.redis_timeout_s + 0.4
@@ -96,7 +97,8 @@ class Enqueuer:
         started = time.perf_counter()
         client = self._clients.take()
         try:
-            new = await self._script(args=self._args(batch.events), client=client)
+            head, blobs = self._args(batch.events)
+            new = await call(client, self._sha, ENQUEUE_LUA, head, [bulk(*blobs)], len(blobs))
             # ACK_REPLICAS: 200 only once that many replicas hold the events, within the deadline.
             left_ms = int((self._deadline_s - (time.perf_counter() - started)) * 1000)
             await wait_replicas(client, self._settings.ack_replicas, left_ms)
@@ -132,11 +134,11 @@ class Enqueuer:
             self._full.remove(batch)
         _fail(batch, QueueUnavailable("Redis did not answer in time"))
 
-    def _args(self, events: list[Routed]) -> list[Any]:
+    def _args(self, events: list[Routed]) -> tuple[list[Any], list[bytes]]:
         """The enqueue script's arguments: the events by lane (shared/lanes.py), and a prefix
         that makes the ids of the jobs it may create unique."""
         prefix = f"{self._id_prefix}{next(self._batch_ids):x}-"
-        return enqueue_args(self._settings, prefix, int(time.time() * 1000), events)
+        return enqueue_parts(self._settings, prefix, int(time.time() * 1000), events)
 
 
 def _fail(batch: _Batch, error: QueueUnavailable) -> None:

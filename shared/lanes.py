@@ -68,10 +68,12 @@ class Queued(NamedTuple):
     blob: bytes
 
 
-def enqueue_args(settings: Settings, job_prefix: str, now_ms: int,
-                 events: Sequence[Queueable], check: bool = True) -> list[Any]:
-    """The enqueue script's arguments (shared/enqueue.lua): the events grouped by lane, each
-    lane's in the order given. `job_prefix` makes the ids of the jobs it may create unique."""
+def enqueue_parts(settings: Settings, job_prefix: str, now_ms: int,
+                  events: Sequence[Queueable], check: bool = True
+                  ) -> tuple[list[Any], list[bytes]]:
+    """The enqueue script's arguments (shared/enqueue.lua), in two parts: the first eleven, and
+    the events' bytes in the order it reads them. The events are grouped by lane, each lane's
+    in the order given. `job_prefix` makes the ids of the jobs it may create unique."""
     lanes: dict[int, tuple[list[str], list[bytes]]] = {}
     for event in events:
         n = lane_of(event.object, event.page, event.user, event.id, settings.lanes)
@@ -82,5 +84,11 @@ def enqueue_args(settings: Settings, job_prefix: str, now_ms: int,
         keys.SEEN_PREFIX, settings.dedupe_ttl_s, keys.LANE_PREFIX, keys.LANE_JOB_PREFIX,
         keys.ARQ_JOB_PREFIX, settings.queue_name, job_prefix, now_ms, JOB_TTL_MS,
         "1" if check else "0", _pack([[n, ids] for n, (ids, _) in lanes.items()]),
-        *(blob for _, blobs in lanes.values() for blob in blobs),
-    ]
+    ], [blob for _, blobs in lanes.values() for blob in blobs]
+
+
+def enqueue_args(settings: Settings, job_prefix: str, now_ms: int,
+                 events: Sequence[Queueable], check: bool = True) -> list[Any]:
+    """`enqueue_parts` as one list, for a script call through redis-py."""
+    head, blobs = enqueue_parts(settings, job_prefix, now_ms, events, check)
+    return [*head, *blobs]

@@ -118,7 +118,7 @@ async def test_a_step_after_the_scripts_were_flushed_loads_its_script_and_writes
     redis: Redis, settings: Settings
 ) -> None:
     """A Redis that lost its scripts (restarted, or a replica promoted) answers NOSCRIPT: the
-    step's call (workers/packed_call.py) loads the script and sends the same call again."""
+    step's call (shared/packed_call.py) loads the script and sends the same call again."""
     now_ms = int(time.time() * 1000)
     rows = [p.row("message", f"message:n{n}", "messaging", "PAGE", now_ms,
                   p.text_message(mid=f"n{n}")) for n in range(2)]

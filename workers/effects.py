@@ -20,11 +20,11 @@ from shared.attribution import POSITIONS, Touch, pack_touch, touch_dict
 from shared.codec import JOB_TTL_MS, QueuedEvent
 from shared.events import Event
 from shared.lanes import with_queue_job
+from shared.packed_call import bulk_pair, call
 from shared.pinned import Pinned
 from shared.report import RETENTION_DAYS, day_of
 from shared.settings import Settings
 from workers import metrics
-from workers.packed_call import bulk_pair, call
 from workers.touches import touch_of
 
 
@@ -66,7 +66,7 @@ class Row(NamedTuple):
     values: tuple[Any, ...]
     """Packed with the other rows' into one MessagePack argument."""
     texts: bytes
-    """The event's JSON and its raw item, as two arguments of their own (workers/packed_call)."""
+    """The event's JSON and its raw item, as two arguments of their own (shared/packed_call)."""
     source: str | None
 
     @property

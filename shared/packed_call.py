@@ -1,13 +1,15 @@
-"""The effects call's command, packed here instead of by redis-py's asyncio `pack_command`.
+"""Script calls with many arguments, packed here instead of by redis-py's asyncio `pack_command`.
 
 Each event's normalised JSON and raw item go to effects.lua as two arguments of their own: Lua
 copies every string it is given, and one copied out of a MessagePack argument costs Redis again
 (an event's 800 bytes inside the packed rows cost Redis 1 to 1.9 us more an event than as
 arguments of their own, by EVALSHA's time in INFO commandstats; one worker's drain gained
 about 8%, two workers' too, in turns against the packed rows). redis-py's asyncio
-`pack_command` spends about 0.7 us an argument (a `join` of its growing buffer per argument):
-200 more arguments a step would hand that cost to the worker. So the rows' texts are packed as
-RESP bulk strings while the rows are built (`bulk`), and `call` sends the whole command on the
+`pack_command` spends 0.4 to 0.7 us an argument (a `join` of its growing buffer per argument):
+200 more arguments a step would hand that cost to the worker, and the ingest's enqueue call
+(shared/enqueue.lua: one argument per event) paid it per event (0.43 us; `bulk`: 0.16). So
+those arguments are packed
+as RESP bulk strings where they are made (`bulk`), and `call` sends the whole command on the
 client's own connection with the connection's public `send_packed_command`/`read_response`,
 doing what redis-py does around them for a script: load it on NOSCRIPT, and on a connection
 error close the connection and send once more (as shared/redis.py `connect` retries).
@@ -15,6 +17,7 @@ error close the connection and send once more (as shared/redis.py `connect` retr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -25,7 +28,7 @@ from redis.exceptions import NoScriptError
 
 def bulk(*texts: bytes) -> bytes:
     """`texts` as RESP bulk strings, ready to follow a command's other arguments."""
-    return b"".join(b"$%d\r\n%b\r\n" % (len(text), text) for text in texts)
+    return b"".join([b"$%d\r\n%b\r\n" % (len(text), text) for text in texts])
 
 
 def bulk_pair(first: bytes, second: bytes) -> bytes:
@@ -33,14 +36,16 @@ def bulk_pair(first: bytes, second: bytes) -> bytes:
     return b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(first), first, len(second), second)
 
 
-def _command(sha: bytes, args: list[bytes], packed: list[bytes], packed_count: int) -> list[bytes]:
+def _command(sha: bytes, args: Sequence[bytes | str | int], packed: list[bytes],
+             packed_count: int) -> list[bytes]:
     head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n$1\r\n0\r\n" % (
         3 + len(args) + packed_count, sha)
-    return [head, bulk(*args), *packed]
+    return [head, bulk(*(a if isinstance(a, bytes) else str(a).encode() for a in args)),
+            *packed]
 
 
-async def call(client: Redis, sha: str, script: str, args: list[bytes], packed: list[bytes],
-               packed_count: int) -> Any:
+async def call(client: Redis, sha: str, script: str, args: Sequence[bytes | str | int],
+               packed: list[bytes], packed_count: int) -> Any:
     """EVALSHA `sha` (the script `script`) with no keys, `args` and then the `packed_count`
     bulk strings already packed in `packed`, on `client`, a single-connection client that no
     other call uses meanwhile (shared/pinned.py). Returns the reply; raises as redis-py
