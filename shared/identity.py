@@ -28,7 +28,7 @@ def as_id(value: Any) -> str | None:
     finite numbers as written (`1.5`); None for anything else (booleans, null, objects)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, bool):
+    if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
         return str(value) if _INT_RANGE[0] <= value < _INT_RANGE[1] else None

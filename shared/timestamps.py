@@ -10,6 +10,10 @@ _SECONDS_BELOW = 100_000_000_000
 
 def to_millis(value: Any) -> int | None:
     """Integer milliseconds since the epoch, or None when the value is not a timestamp."""
+    if type(value) is int:  # the usual shape, first: a bool is not one
+        if not 0 <= value < 10**16:
+            return None
+        return value * 1000 if value < _SECONDS_BELOW else value
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, str):
