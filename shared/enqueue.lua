@@ -31,7 +31,9 @@ for _, lane in ipairs(cmsgpack.unpack(ARGV[11])) do
   end
   if #fresh > 0 then
     new = new + #fresh
-    redis.call('RPUSH', lane_prefix .. n, unpack(fresh))
+    for i = 1, #fresh, 1000 do  -- unpack is bounded by Lua's stack (about 8,000 values)
+      redis.call('RPUSH', lane_prefix .. n, unpack(fresh, i, math.min(i + 999, #fresh)))
+    end
     if redis.call('EXISTS', owner_prefix .. n) == 0 then
       queue_job(owner_prefix .. n, job_prefix, queue, id_prefix .. n, 'lane', n, now, now, job_ttl)
     end

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from shared import keys
 from shared.settings import Settings
@@ -57,9 +57,18 @@ async def test_a_persistent_script_error_dead_letters_the_batch(
     assert len(await stream_rows(redis, "message")) == 2
 
 
-async def test_out_of_memory_is_retried_without_counting_as_a_failure(
-    post: Post, drain: Any, redis: Redis, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("refusal", [
+    # as redis-py raises them: a known code becomes the class and is cut off the message
+    OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+    ReadOnlyError("You can't write against a read only replica."),
+    ResponseError("BUSY Redis is busy running a script. You can only call SCRIPT KILL or "
+                  "SHUTDOWN NOSAVE."),
+], ids=["OOM", "READONLY", "BUSY"])
+async def test_a_passing_refusal_is_retried_without_counting_as_a_failure(
+    refusal: ResponseError, post: Post, drain: Any, redis: Redis,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """(tests/test_packed_call_hostile.py makes a real Redis refuse, full and demoted.)"""
     original = Effects.write
     calls = 0
 
@@ -67,7 +76,7 @@ async def test_out_of_memory_is_retried_without_counting_as_a_failure(
         nonlocal calls
         calls += 1
         if calls <= 4:  # more than JOB_MAX_TRIES
-            raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+            raise refusal
         return await original(self, events, step)
 
     monkeypatch.setattr(Effects, "write", full_then_fine)

@@ -48,7 +48,14 @@ import msgspec
 from arq import Retry
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from shared import keys
 from shared.codec import QueuedEvent, decode_event
@@ -257,12 +264,18 @@ def _decode(blob: bytes) -> tuple[Event, QueuedEvent]:
     return event, queued
 
 
-_TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOSCRIPT")
+_TRANSIENT_ERRORS = (OutOfMemoryError, BusyLoadingError, ReadOnlyError, NoScriptError)
+"""Replies redis-py raises as their own classes, with the code (OOM, LOADING, READONLY,
+NOSCRIPT) cut off the message."""
+
+_TRANSIENT_REPLIES = ("BUSY", "MASTERDOWN", "TRYAGAIN")
+"""Replies redis-py raises as a plain ResponseError, the code still first."""
 
 
 def _transient(exc: ResponseError) -> bool:
-    """A Redis error reply that passes (out of memory, loading, busy): retry without counting."""
-    return str(exc).startswith(_TRANSIENT_REPLIES)
+    """A Redis error reply that passes (out of memory, loading, busy, a demoted primary): retry
+    without counting."""
+    return isinstance(exc, _TRANSIENT_ERRORS) or str(exc).startswith(_TRANSIENT_REPLIES)
 
 
 def _event_id(blob: bytes) -> str:
