@@ -23,7 +23,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 
 def bulk(*texts: bytes) -> bytes:
@@ -70,6 +70,8 @@ async def call(client: Redis, sha: str, script: str, args: Sequence[bytes | str 
             if retried:
                 raise
             retried = True
+        except ResponseError:
+            raise  # an error reply, read whole: the connection is ready for the next call
         except BaseException:
             # A timeout or a cancellation: the reply may still come, and must not be read as
             # the next command's.
