@@ -44,22 +44,49 @@ def _command(sha: bytes, args: Sequence[bytes | str | int], packed: list[bytes],
             *packed]
 
 
+def command(*args: bytes) -> bytes:
+    """A command of plain arguments, packed."""
+    return b"*%d\r\n%b" % (len(args), bulk(*args))
+
+
+async def _reply(conn: AbstractConnection) -> Any:
+    """The next reply on `conn`; an error reply is returned, not raised (it was read whole),
+    unless the connection raised it as a connection error too (shared/redis.py ReadOnlyError:
+    it closed itself)."""
+    try:
+        return await conn.read_response()
+    except ResponseError as exc:
+        if isinstance(exc, RedisConnectionError):
+            raise
+        return exc
+
+
 async def call(client: Redis, sha: str, script: str, args: Sequence[bytes | str | int],
-               packed: list[bytes], packed_count: int) -> Any:
+               packed: list[bytes], packed_count: int, then: bytes = b"") -> Any:
     """EVALSHA `sha` (the script `script`) with no keys, `args` and then the `packed_count`
     bulk strings already packed in `packed`, on `client`, a single-connection client that no
     other call uses meanwhile (shared/pinned.py). Returns the reply; raises as redis-py
-    would."""
+    would. With `then` (a command packed by `command`), that command goes out right behind the
+    script, in the same write, and the reply is the pair of both replies (the script's error
+    is raised once both are read)."""
     if client.connection is None:
         await client.initialize()
     conn = client.connection
     assert isinstance(conn, AbstractConnection)
-    command = _command(sha.encode(), args, packed, packed_count)
+    request = _command(sha.encode(), args, packed, packed_count)
+    if then:
+        request.append(then)
     loaded = retried = False
     while True:
         try:
-            await conn.send_packed_command(command, check_health=False)
-            return await conn.read_response()
+            await conn.send_packed_command(request, check_health=False)
+            reply = await _reply(conn)
+            after = await _reply(conn) if then else None
+            if isinstance(reply, ResponseError):
+                raise reply
+            if isinstance(after, ResponseError):
+                raise after
+            return (reply, after) if then else reply
         except NoScriptError:
             if loaded:
                 raise

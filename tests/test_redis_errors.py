@@ -176,7 +176,7 @@ async def test_a_step_whose_reply_was_lost_is_not_run_twice(
              for i in range(4)]
     assert (await post(p.body(*items))).status == 200
     dropped = lose_one_reply(monkeypatch, lambda reply: isinstance(reply, list)
-                             and len(reply) == 4 and reply[1] == b"more")
+                             and len(reply) == 3 and reply[1] == b"more")
     await drain_with(dataclasses.replace(settings, job_max_events=2))
     monkeypatch.undo()
     assert len(dropped) == 1

@@ -20,7 +20,7 @@ from shared.attribution import POSITIONS, Touch, pack_touch, touch_dict
 from shared.codec import JOB_TTL_MS, QueuedEvent
 from shared.events import Event
 from shared.lanes import with_queue_job
-from shared.packed_call import bulk_pair, call
+from shared.packed_call import bulk_pair, call, command
 from shared.pinned import Pinned
 from shared.report import RETENTION_DAYS, day_of
 from shared.settings import Settings
@@ -118,7 +118,8 @@ class Outcome(NamedTuple):
     tries: int
     """The failed event's tries so far (0 when none failed)."""
     head: list[bytes]
-    """When the lane goes on (`more`): its next events, read in the same call."""
+    """When the lane goes on (`more`): its next events, read right behind the call (in the
+    same round trip)."""
 
 
 class Effects:
@@ -129,7 +130,7 @@ class Effects:
         self._sha = redis.register_script(EFFECTS_LUA).sha
         self._clients = Pinned(redis)
         self._queue, self._max_tries = settings.queue_name, settings.job_max_tries
-        self._max_events = settings.job_max_events
+        self._last_index = str(settings.job_max_events - 1).encode()
         self._forward, self._forward_kinds = bool(settings.forward_url), settings.forward_kinds
         self._header = [str(value).encode() for value in (
             settings.dedupe_ttl_s, settings.stream_maxlen, settings.history_cap,
@@ -173,14 +174,15 @@ class Effects:
             self._max_tries, keys.LANE_TRIES, keys.DEAD_LETTERS, job_key_prefix, JOB_TTL_MS,
             list(step.backoffs_ms) or [0],
             keys.forward_lane(step.lane), keys.forward_job(step.lane),
-            f"fwd-{os.urandom(6).hex()}-{step.lane}", self._max_events,
-            keys.STEPS, os.urandom(8).hex(),
+            f"fwd-{os.urandom(6).hex()}-{step.lane}", keys.STEPS, os.urandom(8).hex(),
         ]
+        head = command(b"LRANGE", keys.lane(step.lane).encode(), b"0", self._last_index)
         client = self._clients.take()
         try:
-            reply = await call(client, self._sha, EFFECTS_LUA,
-                               [*self._header, _pack([r.values for r in rows]), _pack(args)],
-                               [r.texts for r in rows], 2 * len(rows))
+            reply, following = await call(
+                client, self._sha, EFFECTS_LUA,
+                [*self._header, _pack([r.values for r in rows]), _pack(args)],
+                [r.texts for r in rows], 2 * len(rows), then=head)
         except ResponseError as exc:
             if str(exc).startswith("LANELOST"):
                 raise LaneLost(str(exc)) from None
@@ -194,7 +196,7 @@ class Effects:
             if code >= NEW_USER:
                 metrics.count_touch(row.source, code == RETURNING_USER)
         status = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        return Outcome(codes, status, int(reply[2]), reply[3])
+        return Outcome(codes, status, int(reply[2]), following if status.endswith("more") else [])
 
     async def aclose(self) -> None:
         await self._clients.aclose()
