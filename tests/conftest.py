@@ -83,18 +83,23 @@ def post(client: TestClient[Any, Any]) -> Post:
     return send
 
 
+async def drain_with(config: Settings) -> None:
+    """A real arq worker with `config`, in burst mode until the queue is empty."""
+    import workers.handlers  # noqa: F401
+
+    worker = Worker(**worker_settings(config), burst=True, handle_signals=False)
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+
+
 @pytest.fixture
 def drain(settings: Settings) -> Callable[[], Awaitable[None]]:
     """Run a real arq worker in burst mode until the queue is empty."""
 
     async def run() -> None:
-        import workers.handlers  # noqa: F401
-
-        worker = Worker(**worker_settings(settings), burst=True, handle_signals=False)
-        try:
-            await worker.main()
-        finally:
-            await worker.close()
+        await drain_with(settings)
 
     return run
 

@@ -40,13 +40,11 @@ from shared.packed_call import bulk, call
 from shared.redis import ReadOnlyError as RedisReadOnly
 from shared.settings import Settings
 from tests import payloads as p
-from tests.conftest import Post, stream_rows
+from tests.conftest import Post, drain_with, stream_rows
 from tests.redis_server import RedisProcess, free_port, server_binary, wait_ready
 from workers import deadletters
 from workers import lanes as jobs
 from workers.effects import EFFECTS_LUA, WRITTEN, Effects, Step
-from workers.leased_worker import LeasedWorker
-from workers.settings import worker_settings
 
 ENQUEUE_SHA = hashlib.sha1(ENQUEUE_LUA.encode()).hexdigest().encode()
 EFFECTS_SHA = hashlib.sha1(EFFECTS_LUA.encode()).hexdigest().encode()
@@ -187,14 +185,6 @@ async def direct(redis_proc: RedisProcess) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_proc.url)
     yield client
     await client.aclose()
-
-
-async def drain_with(config: Settings) -> None:
-    worker = LeasedWorker(**worker_settings(config), burst=True, handle_signals=False)
-    try:
-        await worker.main()
-    finally:
-        await worker.close()
 
 
 async def cmd(client: Redis, *args: Any) -> Any:

@@ -13,21 +13,10 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from shared import keys
 from shared.settings import Settings
 from tests import payloads as p
-from tests.conftest import Post, lose_one_reply, stream_rows
+from tests.conftest import Post, drain_with, lose_one_reply, stream_rows
 from workers import deadletters
 from workers import lanes as jobs
 from workers.effects import WRITTEN, Effects, LaneLost, Step
-from workers.leased_worker import LeasedWorker
-from workers.settings import worker_settings
-
-
-async def drain_with(config: Settings) -> None:
-    """A burst worker with other settings than the `drain` fixture's."""
-    worker = LeasedWorker(**worker_settings(config), burst=True, handle_signals=False)
-    try:
-        await worker.main()
-    finally:
-        await worker.close()
 
 
 async def test_a_persistent_script_error_dead_letters_the_batch(
