@@ -21,7 +21,7 @@
 --   (its time is up: a new job takes the lane over).
 -- ARGV[13..] two per event, in the same order: its event JSON, and its raw item exactly as
 --   Facebook sent it (arguments of their own: Lua copies a string out of MessagePack again,
---   about 1.5 us an event here; shared/packed_call.py).
+--   about 1 us an event of Redis time; shared/packed_call.py).
 --
 -- Fencing: only the run that owns the lane writes. The lane's owner key names the job, and arq's
 -- try counter of that job names the run (every claim increments it): a run presumed dead (its
