@@ -17,23 +17,38 @@ local seen, window, lane_prefix, owner_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[
 local job_prefix, queue, id_prefix = ARGV[5], ARGV[6], ARGV[7]
 local now, job_ttl, check = tonumber(ARGV[8]), ARGV[9], ARGV[10] == '1'
 
+local function push(list, fresh)
+  for i = 1, #fresh, 1000 do  -- unpack is bounded by Lua's stack (about 8,000 values)
+    redis.call('RPUSH', list, unpack(fresh, i, math.min(i + 999, #fresh)))
+  end
+end
+
 local arg, new = 12, 0
 for _, lane in ipairs(cmsgpack.unpack(ARGV[11])) do
-  local n, fresh = lane[1], {}
+  local n, fresh, marked = lane[1], {}, {}
   for _, id in ipairs(lane[2]) do
+    local key = seen .. id
     if not check then
-      redis.call('SET', seen .. id, 'q', 'EX', window)
+      redis.call('SET', key, 'q', 'EX', window)
       fresh[#fresh + 1] = ARGV[arg]
-    elseif redis.call('SET', seen .. id, 'q', 'EX', window, 'NX') then
-      fresh[#fresh + 1] = ARGV[arg]
+    elseif redis.call('SET', key, 'q', 'EX', window, 'NX') then
+      fresh[#fresh + 1], marked[#marked + 1] = ARGV[arg], key
     end
     arg = arg + 1
   end
   if #fresh > 0 then
-    new = new + #fresh
-    for i = 1, #fresh, 1000 do  -- unpack is bounded by Lua's stack (about 8,000 values)
-      redis.call('RPUSH', lane_prefix .. n, unpack(fresh, i, math.min(i + 999, #fresh)))
+    -- A lane that cannot take them (its key of another type: another program's) leaves the
+    -- events it marked unmarked, so that Facebook's retry of the 503 queues them, not drops
+    -- them as seen. The lanes before it keep theirs: they are queued.
+    local ok, err = pcall(push, lane_prefix .. n, fresh)
+    if not ok then
+      for _, key in ipairs(marked) do
+        redis.call('DEL', key)
+      end
+      return redis.error_reply('LANE ' .. n .. ' refused the events: ' ..
+        (type(err) == 'table' and err.err or tostring(err)))
     end
+    new = new + #fresh
     if redis.call('EXISTS', owner_prefix .. n) == 0 then
       queue_job(owner_prefix .. n, job_prefix, queue, id_prefix .. n, 'lane', n, now, now, job_ttl)
     end

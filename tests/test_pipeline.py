@@ -196,6 +196,29 @@ async def test_duplicates_are_not_queued_and_each_users_events_share_one_lane(
     assert ids == ["message:m1", "message:m2", "message:m3", "message:m4"]
 
 
+async def test_a_lane_that_refuses_its_events_leaves_them_unmarked_for_facebooks_retry(
+    post: Post, drain: Any, redis: Redis, settings: Settings
+) -> None:
+    """A lane key of another type (another program writing the same database) refuses the
+    events: the POST gets 503 and those events are not marked seen, so Facebook's retry queues
+    them once the key is gone (it was dropped as a duplicate: lost). Another user's events in
+    the same POST, in a lane that took them, stay queued once: the retry finds them seen."""
+    from shared.lanes import lane_of
+
+    lane = lane_of("page", p.PAGE, p.PSID, "", settings.lanes)
+    other = next(f"77{n}" for n in range(1000)
+                 if lane_of("page", p.PAGE, f"77{n}", "", settings.lanes) != lane)
+    await redis.set(f"fb:lane:{lane}", "another program's")
+    body = p.body(p.text_message(mid="theirs", sender=other), p.text_message(mid="refused"))
+    assert (await post(body)).status == 503
+    assert await redis.exists("fb:seen:message:refused") == 0
+    await redis.delete(f"fb:lane:{lane}")
+    assert (await post(body)).status == 200
+    await drain()
+    ids = sorted(r["id"] for r in await stream_rows(redis, "message"))
+    assert ids == ["message:refused", "message:theirs"]
+
+
 async def test_a_lane_job_ends_in_the_call_that_empties_its_lane(
     post: Post, drain: Any, redis: Redis
 ) -> None:
