@@ -8,11 +8,11 @@ about 8%, two workers' too, in turns against the packed rows). redis-py's asynci
 `pack_command` spends 0.4 to 0.7 us an argument (a `join` of its growing buffer per argument):
 200 more arguments a step would hand that cost to the worker, and the ingest's enqueue call
 (shared/enqueue.lua: one argument per event) paid it per event (0.43 us; `bulk`: 0.16). So
-those arguments are packed
-as RESP bulk strings where they are made (`bulk`), and `call` sends the whole command on the
-client's own connection with the connection's public `send_packed_command`/`read_response`,
-doing what redis-py does around them for a script: load it on NOSCRIPT, and on a connection
-error close the connection and send once more (as shared/redis.py `connect` retries).
+those arguments are packed as RESP bulk strings where they are made (`bulk`), and `call` sends
+the whole command on the client's own connection with the connection's public
+`send_packed_command`/`read_response`, doing what redis-py does around them for a script: load
+it on NOSCRIPT, and on a connection error close the connection and send once more (as
+shared/redis.py `connect` retries).
 """
 
 from __future__ import annotations
