@@ -15,7 +15,7 @@ in which each one is U+FFFD, and each item's text is then taken from the body as
 from __future__ import annotations
 
 import hashlib
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -41,6 +41,21 @@ class _Envelope(msgspec.Struct):
     object: Any = None
 
 
+class _UsualEntry(msgspec.Struct):
+    """An entry in its usual shape (its item lists are lists or absent), read in the same pass as
+    the envelope; an entry of another shape fails that decode and the body is read the long way."""
+
+    id: Any = None
+    messaging: list[msgspec.Raw] | None = None
+    standby: list[msgspec.Raw] | None = None
+    changes: list[msgspec.Raw] | None = None
+
+
+class _UsualEnvelope(msgspec.Struct):
+    entry: list[_UsualEntry]
+    object: Any = None
+
+
 class _Change(msgspec.Struct):
     field: Any = None
     value: msgspec.Raw = msgspec.Raw()
@@ -62,9 +77,10 @@ class _Head(msgspec.Struct):
     """An item whose `sender` is not an object takes the plain-values path (same result)."""
 
 
-class Routed(NamedTuple):
+class Routed(msgspec.Struct, frozen=True):
     """One event ready for the queue: its dedupe id, its kind and its bytes (the first three go
-    to Redis), then where it was, for metrics and the request's log line."""
+    to Redis), then where it was, for metrics and the request's log line. (A Struct: built in C,
+    a third of a NamedTuple's cost, once per event.)"""
 
     id: str
     kind: str
@@ -77,6 +93,7 @@ class Routed(NamedTuple):
 
 
 # Numbers out of a float's range decode as infinities (shared/jsontext.py), never as errors.
+_usual_decoder = msgspec.json.Decoder(_UsualEnvelope, float_hook=float)
 _envelope_decoder = msgspec.json.Decoder(_Envelope, float_hook=float)
 _entry_decoder = msgspec.json.Decoder(_Entry, float_hook=float)
 _change_decoder = msgspec.json.Decoder(_Change, float_hook=float)
@@ -102,12 +119,13 @@ def _too_deep(body: bytes) -> bool:
     """Whether a valid JSON body nests deeper than MAX_DEPTH. Escaped backslashes and quotes go
     first, so the quotes left delimit strings; the brackets outside them are kept and one level of
     innermost pairs is removed per pass."""
-    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
-        return False
     if b"\\" in body:
         body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = body.translate(None, _NOT_STRUCTURE)  # one pass; what follows reads a tenth
+    if structure.count(b"[") + structure.count(b"{") <= MAX_DEPTH:
+        return False
     # Adjacent quotes hold nothing: dropping them keeps every other quote's parity.
-    structure = body.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    structure = structure.replace(b'""', b"")
     if b'"' in structure:
         structure = b"".join(structure.split(b'"')[::2])
     nesting = structure.translate(_PARENS)
@@ -125,6 +143,20 @@ def parse(body: bytes, received_ms: int) -> list[Routed]:
         body.decode()  # JSON is UTF-8: checked once for the whole body
     except UnicodeDecodeError:
         raise BadRequest(NOT_JSON) from None
+    try:
+        usual = _usual_decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # any other shape: read the long way
+        usual = None
+    if usual is not None:
+        if _too_deep(body):
+            raise BadRequest(TOO_DEEP)
+        return _Reader(body, body, _object(usual.object), received_ms).read_usual(usual)
+    return read_the_long_way(body, received_ms)
+
+
+def read_the_long_way(body: bytes, received_ms: int) -> list[Routed]:
+    """`parse` for a body of any shape (valid UTF-8): each entry and list read on its own. A body
+    in the usual shape gives the same events read in one pass (tests/test_properties.py)."""
     envelope, readable = _decode_envelope(body)
     return _Reader(body, readable, _object(envelope.object), received_ms).read(envelope)
 
@@ -187,6 +219,17 @@ class _Reader:
                     self._route(item, channel, page, at)
             for change, at in self._items(entry.changes, start):
                 self._route_change(change, page, at)
+        return self.out
+
+    def read_usual(self, envelope: _UsualEnvelope) -> list[Routed]:
+        """`read`, for a body read in one pass (no lone surrogates: no place to find)."""
+        for entry in envelope.entry:
+            page = as_id(entry.id)
+            for channel in CHANNELS:
+                for item in getattr(entry, channel) or ():
+                    self._route(item, channel, page, -1)
+            for change in entry.changes or ():
+                self._route_change(change, page, -1)
         return self.out
 
     def _items(self, raw: msgspec.Raw, start: int) -> list[tuple[msgspec.Raw, int]]:

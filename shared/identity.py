@@ -96,5 +96,11 @@ def sender_from(envelope_object: str, sender: SenderIds | None) -> tuple[str, st
     """`sender_of` for a messaging or standby item whose `sender` object was read by type."""
     if sender is None:
         return None
+    found = sender.id
+    if type(found) is str and found:  # the usual shape, first: what _space and user_key give
+        if envelope_object == "instagram":
+            return found, _PREFIX[IGSID] + found
+        if ":" not in found:
+            return found, found
     space = _space(envelope_object, sender.id, sender.user_ref)
     return None if space is None else (space[1], user_key(*space))

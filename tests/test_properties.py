@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from ingest.envelope import parse
+from ingest.envelope import parse, read_the_long_way
 from shared.codec import QueuedEvent, decode_event
 from shared.errors import BadRequest
 from shared.jsontext import loads
@@ -104,6 +104,15 @@ envelopes = st.fixed_dictionaries(
     {"entry": st.lists(entries(), max_size=4)},
     optional={"object": st.sampled_from(["page", "instagram"]) | json_values},
 )
+usual_bodies = st.fixed_dictionaries(
+    {"entry": st.lists(st.fixed_dictionaries({"id": ids}, optional={
+        "messaging": st.lists(items(), max_size=4), "standby": st.lists(items(), max_size=3),
+        "changes": st.lists(st.fixed_dictionaries({"field": st.just("messages"), "value": items()})
+                            | json_values, max_size=2),
+    }), max_size=3)},
+    optional={"object": st.sampled_from(["page", "instagram"])},
+).map(lambda e: json.dumps(e).encode())
+"""Envelopes in the usual shape (entries are objects, their item lists lists): read in one pass."""
 NUMBERS = ["1e400", "-1e400", "1.5e-400", "123456789012345678901234567890", "-0", "1E2", "0.0"]
 
 
@@ -143,6 +152,18 @@ def test_parse_raises_nothing_but_bad_request(body: bytes) -> None:
         assert queued.id == event.id
         assert queued.channel in ("messaging", "standby", "changes", "entry")
         assert queued.raw_text().encode() in body, "the item's text exactly as sent"
+
+
+@EXAMPLES
+@given(body=usual_bodies)
+def test_a_body_read_in_one_pass_gives_the_events_of_the_long_way(body: bytes) -> None:
+    outcomes = []
+    for read in (parse, read_the_long_way):
+        try:
+            outcomes.append(read(body, 1_700_000_000_000))
+        except BadRequest as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
 
 
 @EXAMPLES
