@@ -17,6 +17,7 @@ import hashlib
 from typing import Any, Final
 
 import msgspec
+from msgspec.structs import astuple
 from redis.asyncio import Redis
 
 from shared import keys
@@ -66,7 +67,7 @@ VIA: Final = ("referral", "postback", "message")
 POSITIONS: Final[tuple[str, ...]] = tuple(Touch.__struct_fields__)
 """The order of a stored touch's values; workers/effects.lua reads them by these positions."""
 
-_FIELDS = POSITIONS
+_VIA_AT, _CONTEXT_AT = POSITIONS.index("via"), POSITIONS.index("ads_context_data")
 _DEFAULTS: Final[tuple[Any, ...]] = (
     (None,) * (len(POSITIONS) - len(Touch.__struct_defaults__)) + Touch.__struct_defaults__)
 _json = msgspec.json.Encoder().encode
@@ -81,15 +82,12 @@ def tie_break(event_id: str) -> int:
 def pack_touch(touch: Touch) -> list[Any]:
     """A touch as stored: positional, `via` as an index, `ads_context_data` as JSON text, false
     for every absent or default value (so that Lua keeps every position, in few bytes)."""
-    out: list[Any] = []
-    for name, default in zip(POSITIONS, _DEFAULTS, strict=True):
-        value = getattr(touch, name)
-        if name == "via":
-            value = VIA.index(value)
-        elif name == "ads_context_data":
-            value = _json(value).decode() if value else None
-        out.append(False if value is None or value == "" or value == default else value)
-    return out
+    values = list(astuple(touch))
+    values[_VIA_AT] = VIA.index(values[_VIA_AT])
+    context = values[_CONTEXT_AT]
+    values[_CONTEXT_AT] = _json(context).decode() if context else None
+    return [False if value is None or value == "" or value == default else value
+            for value, default in zip(values, _DEFAULTS, strict=True)]
 
 
 def _context(stored: Any) -> dict[str, Any] | None:
@@ -125,7 +123,7 @@ def unpack_touch(values: list[Any]) -> Touch:
 
 def touch_dict(touch: Touch) -> dict[str, Any]:
     """A touch with its full field names, every field present (null where absent)."""
-    return {name: getattr(touch, name) for name in _FIELDS}
+    return msgspec.structs.asdict(touch)
 
 
 def fb_ref_vars(touch: Touch) -> dict[str, str | None]:

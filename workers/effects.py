@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared import keys
-from shared.attribution import POSITIONS, Touch, pack_touch, touch_dict
+from shared.attribution import POSITIONS, Touch, pack_touch
 from shared.codec import JOB_TTL_MS, QueuedEvent
 from shared.events import Event
 from shared.lanes import with_queue_job
@@ -60,8 +60,9 @@ def _ad_title(touch: Touch) -> str | bool:
     return title if isinstance(title, str) and title else False
 
 
-class Row(NamedTuple):
-    """One event's arguments to effects.lua, and its touch's source (for the metrics)."""
+class Row(msgspec.Struct, frozen=True):
+    """One event's arguments to effects.lua, and its touch's source (for the metrics). (A
+    Struct: built in C, a third of a NamedTuple's cost, once per event.)"""
 
     values: tuple[Any, ...]
     """Packed with the other rows' into one MessagePack argument."""
@@ -149,15 +150,14 @@ class Effects:
         touch = touch_of(event, queued.received_ms)
         head = (event.id, event.kind, event.channel, event.page_id or "", event.user or "",
                 event.timestamp)
-        raw = queued.raw_bytes()
-        texts = bulk_pair(_json(event), raw)
+        texts = bulk_pair(_json(event), queued.raw if queued.text is None else queued.raw_bytes())
         record = _text(ForwardRecord(event.id, event.kind, queued.object, event.page_id,
                                      queued.channel, queued.received_ms,
-                                     raw.decode())) if forward else False
+                                     queued.raw_text())) if forward else False
         tail = (queued.object, event.sender or "", record)
         if touch is None:
             return Row((*head, False, False, False, False, *tail), texts, None)
-        return Row((*head, pack_touch(touch), _text(touch_dict(touch)), day_of(touch.timestamp),
+        return Row((*head, pack_touch(touch), _json(touch).decode(), day_of(touch.timestamp),
                     _ad_title(touch), *tail), texts, touch.source)
 
     async def write(self, rows: list[Row], step: Step) -> Outcome:

@@ -228,20 +228,16 @@ def base_of(queued: QueuedEvent, kind: str, found: tuple[str, str] | None,
             recipient: str | None, stamp: int | None) -> dict[str, Any]:
     """The fields every event has (shared/events.py Event), for either way of reading an item
     (this module, or workers/wire.py for the usual shapes): `found` is the sender as
-    (id as sent, user key), `stamp` the item's timestamp in ms (None or 0: the received time)."""
-    sender, user = (None, None) if found is None else found
-    return {
-        "kind": kind,
-        "id": queued.id,
-        "channel": queued.channel,
-        "object": queued.object,
-        "page_id": queued.page_id,
-        "sender": sender,
-        "user": user,
-        "recipient": recipient,
-        "timestamp": stamp or queued.received_ms,
-        "timestamp_from": "event" if stamp else "received",
-    }
+    (id as sent, user key), `stamp` the item's timestamp in ms (None or 0: the received time).
+    A field left at its default is left out: a Struct's keyword arguments cost per argument."""
+    base = {"kind": kind, "id": queued.id, "channel": queued.channel, "object": queued.object,
+            "page_id": queued.page_id, "sender": None, "recipient": recipient,
+            "timestamp": stamp or queued.received_ms}
+    if found is not None:
+        base["sender"], base["user"] = found
+    if not stamp:
+        base["timestamp_from"] = "received"
+    return base
 
 
 def normalize(queued: QueuedEvent, item: Any, kind: str | None = None) -> ev.Event:

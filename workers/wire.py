@@ -82,16 +82,21 @@ def _referral(r: _Referral | None) -> ev.Referral | None:
     if r is None:
         return None
     ads = r.ads_context_data
-    return ev.Referral(
-        source=s(r.source), type=s(r.type), ref=s(r.ref), ad_id=s(r.ad_id),
-        ads_context_data=ads if isinstance(ads, dict) and ads else None,
-        referer_uri=s(r.referer_uri) or s(r.origin_domain),
-        product_id=s(r.product.id) if r.product is not None else None,
+    return ev.Referral(  # by position (source, type, ref, ad_id, ads_context_data, referer_uri,
+        # product_id): a Struct's keywords cost per argument
+        s(r.source), s(r.type), s(r.ref), s(r.ad_id),
+        ads if isinstance(ads, dict) and ads else None,
+        s(r.referer_uri) or s(r.origin_domain),
+        s(r.product.id) if r.product is not None else None,
     )
 
 
 def _message(base: dict[str, Any], item: _Item) -> ev.Event:
     m = item.message or _NO_MESSAGE
+    if m.quick_reply is None and m.reply_to is None and m.attachments is None and \
+            m.referral is None and m.app_id is None and m.metadata is None and \
+            m.is_unsupported is None:  # a plain text: every other field at its default
+        return ev.Message(**base, mid=s(m.mid), text=s(m.text))
     return ev.Message(
         **base,
         mid=s(m.mid),
