@@ -17,38 +17,52 @@ local seen, window, lane_prefix, owner_prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[
 local job_prefix, queue, id_prefix = ARGV[5], ARGV[6], ARGV[7]
 local now, job_ttl, check = tonumber(ARGV[8]), ARGV[9], ARGV[10] == '1'
 
-local function push(list, fresh)
-  for i = 1, #fresh, 1000 do  -- unpack is bounded by Lua's stack (about 8,000 values)
-    redis.call('RPUSH', list, unpack(fresh, i, math.min(i + 999, #fresh)))
+-- Push ARGV[first..last] but the duplicates (ARGV positions in `dup`) onto `list`, 1,000 at a
+-- time (unpack is bounded by Lua's stack: about 8,000 values); with none, straight from ARGV.
+local function push(list, first, last, dup)
+  local from = ARGV
+  if next(dup) then
+    from = {}
+    for i = first, last do
+      if not dup[i] then
+        from[#from + 1] = ARGV[i]
+      end
+    end
+    first, last = 1, #from
   end
+  for i = first, last, 1000 do
+    redis.call('RPUSH', list, unpack(from, i, math.min(i + 999, last)))
+  end
+  return last - first + 1
 end
 
 local arg, new = 12, 0
 for _, lane in ipairs(cmsgpack.unpack(ARGV[11])) do
-  local n, fresh, marked = lane[1], {}, {}
-  for _, id in ipairs(lane[2]) do
-    local key = seen .. id
+  local n, ids, dup, dups = lane[1], lane[2], {}, 0
+  for i, id in ipairs(ids) do
     if not check then
-      redis.call('SET', key, 'q', 'EX', window)
-      fresh[#fresh + 1] = ARGV[arg]
-    elseif redis.call('SET', key, 'q', 'EX', window, 'NX') then
-      fresh[#fresh + 1], marked[#marked + 1] = ARGV[arg], key
+      redis.call('SET', seen .. id, 'q', 'EX', window)
+    elseif not redis.call('SET', seen .. id, 'q', 'EX', window, 'NX') then
+      dup[arg + i - 1], dups = true, dups + 1
     end
-    arg = arg + 1
   end
-  if #fresh > 0 then
+  local first, last = arg, arg + #ids - 1
+  arg = last + 1
+  if dups < #ids then
     -- A lane that cannot take them (its key of another type: another program's) leaves the
     -- events it marked unmarked, so that Facebook's retry of the 503 queues them, not drops
     -- them as seen. The lanes before it keep theirs: they are queued.
-    local ok, err = pcall(push, lane_prefix .. n, fresh)
+    local ok, pushed = pcall(push, lane_prefix .. n, first, last, dup)
     if not ok then
-      for _, key in ipairs(marked) do
-        redis.call('DEL', key)
+      for i, id in ipairs(ids) do
+        if check and not dup[first + i - 1] then
+          redis.call('DEL', seen .. id)
+        end
       end
       return redis.error_reply('LANE ' .. n .. ' refused the events: ' ..
-        (type(err) == 'table' and err.err or tostring(err)))
+        (type(pushed) == 'table' and pushed.err or tostring(pushed)))
     end
-    new = new + #fresh
+    new = new + pushed
     if redis.call('EXISTS', owner_prefix .. n) == 0 then
       queue_job(owner_prefix .. n, job_prefix, queue, id_prefix .. n, 'lane', n, now, now, job_ttl)
     end

@@ -208,15 +208,19 @@ async def test_a_lane_that_refuses_its_events_leaves_them_unmarked_for_facebooks
     lane = lane_of("page", p.PAGE, p.PSID, "", settings.lanes)
     other = next(f"77{n}" for n in range(1000)
                  if lane_of("page", p.PAGE, f"77{n}", "", settings.lanes) != lane)
+    assert (await post(p.body(p.text_message(mid="earlier")))).status == 200
+    await drain()
     await redis.set(f"fb:lane:{lane}", "another program's")
-    body = p.body(p.text_message(mid="theirs", sender=other), p.text_message(mid="refused"))
+    body = p.body(p.text_message(mid="theirs", sender=other), p.text_message(mid="refused"),
+                  p.text_message(mid="earlier"))  # a duplicate in the refused lane
     assert (await post(body)).status == 503
     assert await redis.exists("fb:seen:message:refused") == 0
+    assert await redis.exists("fb:seen:message:earlier") == 1  # an earlier POST's mark stays
     await redis.delete(f"fb:lane:{lane}")
     assert (await post(body)).status == 200
     await drain()
     ids = sorted(r["id"] for r in await stream_rows(redis, "message"))
-    assert ids == ["message:refused", "message:theirs"]
+    assert ids == ["message:earlier", "message:refused", "message:theirs"]
 
 
 async def test_a_lane_job_ends_in_the_call_that_empties_its_lane(
