@@ -77,9 +77,11 @@ def enqueue_parts(settings: Settings, job_prefix: str, now_ms: int,
     lanes: dict[int, tuple[list[str], list[bytes]]] = {}
     for event in events:
         n = lane_of(event.object, event.page, event.user, event.id, settings.lanes)
-        ids, blobs = lanes.setdefault(n, ([], []))
-        ids.append(event.id)
-        blobs.append(event.blob)
+        lane = lanes.get(n)
+        if lane is None:  # not setdefault: that would build two lists per event
+            lane = lanes[n] = ([], [])
+        lane[0].append(event.id)
+        lane[1].append(event.blob)
     return [
         keys.SEEN_PREFIX, settings.dedupe_ttl_s, keys.LANE_PREFIX, keys.LANE_JOB_PREFIX,
         keys.ARQ_JOB_PREFIX, settings.queue_name, job_prefix, now_ms, JOB_TTL_MS,

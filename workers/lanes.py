@@ -211,17 +211,17 @@ class _Run:
             except Exception as exc:  # noqa: BLE001 - the event fails alone, kept whole
                 return rows, Failed(_failed_id(blob), UNKNOWN, f"{type(exc).__name__}: {exc}")
             try:
-                await self._handle(event, deadline)
+                handlers = registry.handlers_for(event.kind)
+                if handlers:  # most kinds have none: no coroutine to make for them
+                    await self._handle(handlers, event, deadline)
                 rows.append(Effects.row(event, queued, self.effects.forwards(event.kind)))
             except Exception as exc:  # noqa: BLE001 - the event fails alone, kept whole
                 return rows, Failed(event.id, event.kind, _reason(exc))
         return rows, None
 
-    async def _handle(self, event: Event, deadline: float) -> None:
+    async def _handle(self, handlers: list[registry.Handler], event: Event,
+                      deadline: float) -> None:
         """Run the handlers registered for the event's kind, within the batch's deadline."""
-        handlers = registry.handlers_for(event.kind)
-        if not handlers:
-            return
         async with asyncio.timeout_at(deadline):
             for handler in handlers:
                 await handler(self.ctx, event)
