@@ -31,7 +31,7 @@ from shared.jsontext import loads
 from shared.kinds import EVENT_KEYS, KINDS
 from tests.conftest import Post, stream_rows
 from workers import wire
-from workers.effects import Effects
+from workers.effects import ROW_WIDTH, Effects
 from workers.normalize import normalize
 
 EXAMPLES = settings(max_examples=60, deadline=None,
@@ -245,6 +245,9 @@ def test_normalisation_never_raises_and_always_makes_a_writable_event(
     assert event.kind == kind and event.id == "h:x"
     row = Effects.row(event, queued)
     assert row.values[0] == "h:x"
+    # effects.lua reads ROW_WIDTH values an event from one flat array: a None (Lua's nil) would
+    # leave a hole there and shift every later event's values.
+    assert len(row.values) == ROW_WIDTH and None not in row.values
     msgspec.msgpack.encode(row.values)
 
 

@@ -4,10 +4,11 @@
 -- ARGV[1] dedupe window (s)    ARGV[2] stream MAXLEN       ARGV[3] history cap
 -- ARGV[4] referrals stream     ARGV[5] report ad titles    ARGV[6] report retention (s)
 -- ARGV[7..10] key prefixes: seen, event stream, attribution, report day
--- ARGV[11] the events, one MessagePack array of arrays (one argument instead of a dozen per
---          event: packing arguments was half a worker's time), the lane's head in order:
---   {id, kind, channel, page id, user, timestamp ms, touch, touch JSON, day, ad title, object,
---    sender, forward record or false}
+-- ARGV[11] the events, one flat MessagePack array of WIDTH values per event, the lane's head in
+--          order (one argument instead of a dozen per event; flat, because a table per event
+--          cost Redis more than the rest of the decoding, about 8,000 instructions an event):
+--   id, kind, channel, page id, user, timestamp ms (as text: Lua would format a number),
+--   touch, touch JSON, day, ad title, object, sender, forward record or false
 --   where user is the key of the sender's attribution record (shared/identity.py), sender the
 --   id as sent, and touch a positional array (shared/attribution.py POSITIONS) or false.
 -- ARGV[12] the step, one MessagePack array (workers/effects.py Step):
@@ -229,16 +230,19 @@ end
 -- is undone (its stream entries deleted, the user's record put back), so that the retried
 -- event is never written twice; it is counted in the report only once all its writes are in.
 -- The event being written keeps what it wrote in these (no table per event: the hot path).
-local out, events, written = {}, cmsgpack.unpack(ARGV[11]), 0
+local WIDTH = ROW_WIDTH
+local out, rows, written = {}, cmsgpack.unpack(ARGV[11]), 0
 local u_stream, u_entry, u_key, u_stored, u_referral
 
 local function write_all()
-  for n, e in ipairs(events) do
-    local id, kind, user, touch = e[1], e[2], e[5], e[7]
+  for n = 1, #rows / WIDTH do
+    local b = (n - 1) * WIDTH
+    local id, kind, user, touch = rows[b + 1], rows[b + 2], rows[b + 5], rows[b + 7]
     u_stream, u_entry, u_key, u_referral = stream_prefix .. kind, nil, nil, nil
     u_entry = redis.call('XADD', u_stream, 'MAXLEN', '~', maxlen, '*',
-      'id', id, 'kind', kind, 'channel', e[3], 'object', e[11], 'page_id', e[4],
-      'sender', e[12], 'user', user, 'timestamp', e[6], 'event', ARGV[11 + 2 * n],
+      'id', id, 'kind', kind, 'channel', rows[b + 3], 'object', rows[b + 11],
+      'page_id', rows[b + 4], 'sender', rows[b + 12], 'user', user, 'timestamp', rows[b + 6],
+      'event', ARGV[11 + 2 * n],
       'raw', ARGV[12 + 2 * n])
     local code, last, count = 1, nil, nil
     if touch then
@@ -248,14 +252,14 @@ local function write_all()
       u_key, u_stored = key, stored
       code = count > 1 and 3 or 2
       u_referral = redis.call('XADD', referrals, 'MAXLEN', '~', maxlen, '*',
-        'user', user, 'object', e[11], 'returning', count > 1 and '1' or '0', 'touches', count,
-        'touch', e[8], 'vars', vars_of(last))
+        'user', user, 'object', rows[b + 11], 'returning', count > 1 and '1' or '0',
+        'touches', count, 'touch', rows[b + 8], 'vars', vars_of(last))
     end
-    if e[13] then
-      forward(e[13], user, last)
+    if rows[b + 13] then
+      forward(rows[b + 13], user, last)
     end
     if touch then
-      count_touch(day_prefix .. e[9], touch, count, e[10], attr_prefix .. user)
+      count_touch(day_prefix .. rows[b + 9], touch, count, rows[b + 10], attr_prefix .. user)
     end
     out[n] = code
     written = n
@@ -291,11 +295,11 @@ end
 local tries_key = step[13]
 if written > 0 then
   redis.call('LTRIM', lane, written, -1)
-  redis.call('HDEL', tries_key, events[1][1])  -- only a lane's head event is ever retried
+  redis.call('HDEL', tries_key, rows[1])  -- only a lane's head event is ever retried
 end
 if not ok then
-  local e = events[written + 1]
-  failed = {e[1], e[2], type(err) == 'table' and err.err or tostring(err)}
+  local b = written * WIDTH
+  failed = {rows[b + 1], rows[b + 2], type(err) == 'table' and err.err or tostring(err)}
 end
 
 local status, tries = '', 0

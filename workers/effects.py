@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
+from itertools import chain
 from typing import Any, NamedTuple
 
 import msgspec
@@ -34,7 +35,12 @@ def _load_script() -> str:
     text = resources.files("workers").joinpath("effects.lua").read_text()
     names = ("timestamp", "source", "ref", "ad_id", "tie", "product_id")
     positions = ", ".join(str(POSITIONS.index(name) + 1) for name in names)
-    return with_queue_job(text.replace("= POSITIONS\n", f"= {positions}\n", 1))
+    text = text.replace("= POSITIONS\n", f"= {positions}\n", 1)
+    return with_queue_job(text.replace("= ROW_WIDTH\n", f"= {ROW_WIDTH}\n", 1))
+
+
+ROW_WIDTH = 13
+"""How many values `Effects.row` gives an event (effects.lua reads them by position)."""
 
 
 EFFECTS_LUA = _load_script()
@@ -65,7 +71,7 @@ class Row(msgspec.Struct, frozen=True):
     Struct: built in C, a third of a NamedTuple's cost, once per event.)"""
 
     values: tuple[Any, ...]
-    """Packed with the other rows' into one MessagePack argument."""
+    """Packed with the other rows' into one flat MessagePack argument (effects.lua WIDTH)."""
     texts: bytes
     """The event's JSON and its raw item, as two arguments of their own (shared/packed_call)."""
     source: str | None
@@ -149,7 +155,7 @@ class Effects:
         Raises if the event cannot be encoded: the caller then fails that event alone."""
         touch = touch_of(event, queued.received_ms)
         head = (event.id, event.kind, event.channel, event.page_id or "", event.user or "",
-                event.timestamp)
+                str(event.timestamp))
         texts = bulk_pair(_json(event), queued.raw if queued.text is None else queued.raw_bytes())
         record = _text(ForwardRecord(event.id, event.kind, queued.object, event.page_id,
                                      queued.channel, queued.received_ms,
@@ -181,7 +187,8 @@ class Effects:
         try:
             reply, following = await call(
                 client, self._sha, EFFECTS_LUA,
-                [*self._header, _pack([r.values for r in rows]), _pack(args)],
+                [*self._header, _pack(list(chain.from_iterable([r.values for r in rows]))),
+                 _pack(args)],
                 [r.texts for r in rows], 2 * len(rows), then=head)
         except ResponseError as exc:
             if str(exc).startswith("LANELOST"):
