@@ -71,7 +71,7 @@ class Queued(NamedTuple):
 def enqueue_parts(settings: Settings, job_prefix: str, now_ms: int,
                   events: Sequence[Queueable], check: bool = True
                   ) -> tuple[list[Any], list[bytes]]:
-    """The enqueue script's arguments (shared/enqueue.lua), in two parts: the first eleven, and
+    """The enqueue script's arguments (shared/enqueue.lua), in two parts: the first ten, and
     the events' bytes in the order it reads them. The events are grouped by lane, each lane's
     in the order given. `job_prefix` makes the ids of the jobs it may create unique."""
     lanes: dict[int, tuple[list[str], list[bytes]]] = {}
@@ -80,10 +80,10 @@ def enqueue_parts(settings: Settings, job_prefix: str, now_ms: int,
         lane = lanes.get(n)
         if lane is None:  # not setdefault: that would build two lists per event
             lane = lanes[n] = ([], [])
-        lane[0].append(event.id)
+        lane[0].append(keys.SEEN_PREFIX + event.id)
         lane[1].append(event.blob)
     return [
-        keys.SEEN_PREFIX, settings.dedupe_ttl_s, keys.LANE_PREFIX, keys.LANE_JOB_PREFIX,
+        settings.dedupe_ttl_s, keys.LANE_PREFIX, keys.LANE_JOB_PREFIX,
         keys.ARQ_JOB_PREFIX, settings.queue_name, job_prefix, now_ms, JOB_TTL_MS,
         "1" if check else "0", _pack([[n, ids] for n, (ids, _) in lanes.items()]),
     ], [blob for _, blobs in lanes.values() for blob in blobs]
