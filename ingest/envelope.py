@@ -270,12 +270,14 @@ class _Reader:
             elif body is UNSET and isinstance(head.postback, _MidHead):
                 body, kind = head.postback, "postback"
             mid = as_id(body.mid) if isinstance(body, _MidHead) else None
+            sender = sender_from(self.obj, head.sender)
             if mid:
-                self._add(raw, kind, channel, page, None, at, f"{kind}:{mid}",
-                          sender_from(self.obj, head.sender))
+                self._add(raw, kind, channel, page, None, at, f"{kind}:{mid}", sender)
                 return
+        else:
+            sender = None
         item = decode(raw)
-        self._add(raw, classify(item[0]), channel, page, item, at)
+        self._add(raw, classify(item[0]), channel, page, item, at, sender=sender)
 
     def _route_change(self, raw: msgspec.Raw, page: str | None, at: int) -> None:
         try:
@@ -296,7 +298,7 @@ class _Reader:
              sender: tuple[str, str] | None = None) -> None:
         """Queue one event. `item` is the decoded item and whether decoding changed values
         (None when the typed glance gave the id and the sender)."""
-        if item is not None:
+        if sender is None and item is not None:  # not read from the typed glance
             sender = sender_of(self.obj, channel, item[0])
         text = None
         if at >= 0:
