@@ -143,6 +143,15 @@ async def run_workers() -> AsyncIterator[RunWorkers]:
         task.cancel()
     await asyncio.gather(*mains, return_exceptions=True)
     for worker in started:
+        # arq's close() cancels the jobs still running and gathers them without
+        # return_exceptions: a job cancelled while it finished (a slow bot's forward run, on a
+        # loaded machine) raised CancelledError out of this teardown, the other workers were
+        # never closed, and the tests after it failed by the hundred. The jobs are ended here.
+        jobs = list(worker.tasks.values())
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        worker.tasks.clear()
         await worker.close()
 
 
