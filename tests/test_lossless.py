@@ -727,7 +727,10 @@ async def test_a_missing_zero_or_untrusted_timestamp_counts_as_the_time_received
     after = now_ms()
     await drain()
 
-    assert len(await stream_rows(redis, "referral")) == len(items)
+    rows = await stream_rows(redis, "referral")
+    assert len(rows) == len(items)
+    for row in rows:  # the entry's timestamp: the event's, as digits, whatever its size
+        assert row["timestamp"] == str(json.loads(row["event"])["timestamp"]), row["id"]
     for user in received:
         touch = (await record(redis, user)).last
         assert touch["timestamp_from"] == "received", user
