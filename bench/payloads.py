@@ -39,11 +39,14 @@ class Pool:
 class Factory:
     """Builds bodies whose every event id is new to the run."""
 
-    def __init__(self, secret: bytes, users: int = 100_000) -> None:
+    def __init__(self, secret: bytes, users: int = 100_000, run: str | None = None,
+                 base_ms: int | None = None) -> None:
+        """`run` and `base_ms` (part of every mid, first timestamp) fixed: the same bodies every
+        time (bench.instructions); by default new ones."""
         self._secret = secret
-        self._run = os.urandom(4).hex()
+        self._run = os.urandom(4).hex() if run is None else run
         self._seq = itertools.count()
-        self._base_ms = int(time.time() * 1000)
+        self._base_ms = int(time.time() * 1000) if base_ms is None else base_ms
         self._users = users
 
     def psid(self, user: int) -> str:

@@ -6,7 +6,8 @@
 -- ARGV[9] '1': skip an event whose id was seen within the window; '0': queue every event
 --         (a dead letter replayed) and mark it queued
 -- ARGV[10] the lanes, one MessagePack array of {lane number, {seen key, ...}}: each event's
---          seen key (`fb:seen:<id>`) whole, as a concatenation here cost Redis a tenth of the call
+--          seen key (`fb:seen:<id>`) whole (joined here, it made and hashed one more Lua string
+--          per event: 3% of the call)
 -- ARGV[11..] the events' JSON, lane by lane, in the order of their keys in ARGV[10]
 --
 -- New events are appended to their lane's list in the order given. A lane that no job owns

@@ -5,9 +5,10 @@
 -- ARGV[4] referrals stream     ARGV[5] report ad titles    ARGV[6] report retention (s)
 -- ARGV[7..10] key prefixes: seen, event stream, attribution, report day
 -- ARGV[11] the events, one flat MessagePack array of WIDTH values per event, the lane's head in
---          order (one argument instead of a dozen per event; flat, because a table per event
---          cost Redis more than the rest of the decoding, about 8,000 instructions an event):
---   id, kind, channel, page id, user, timestamp ms (as text: Lua would format a number),
+--          order (one argument instead of a dozen per event; flat, because a Lua table grown
+--          per event, with the timestamp as a number Redis formats for XADD, cost 8% of the
+--          call: bench.instructions):
+--   id, kind, channel, page id, user, timestamp ms (as text),
 --   touch, touch JSON, day, ad title, object, sender, forward record or false
 --   where user is the key of the sender's attribution record (shared/identity.py), sender the
 --   id as sent, and touch a positional array (shared/attribution.py POSITIONS) or false.
