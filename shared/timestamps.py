@@ -17,8 +17,14 @@ def to_millis(value: Any) -> int | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, str):
+        value = value.strip()
+        if not value.isascii() or "_" in value:  # float() takes "1_000" and other scripts' digits
+            return None
+        if value.isdigit():  # read whole: a float() keeps only 53 bits (2**53 ms is in 2255)
+            digits = value.lstrip("0") or "0"  # at most 16 digits to read: never a huge int()
+            return to_millis(int(digits)) if len(digits) <= 16 else None
         try:
-            value = float(value.strip())
+            value = float(value)
         except ValueError:
             return None
     if not isinstance(value, int | float) or value != value or value < 0:  # NaN or negative

@@ -60,6 +60,21 @@ def test_redacted_settings_hide_secrets() -> None:
         (True, None),
         (-5, None),
         ({}, None),
+        # Strings are read as sent: digits whole (a float() would round 2**53 + 1), nothing
+        # that float() alone would take (underscores, other scripts' digits, "infinity").
+        ("9007199254740993", 9007199254740993),
+        (" 1458692752478 ", 1458692752478),
+        ("1_458_692_752_478", None),
+        ("\uff11\uff14\uff15\uff18\uff16\uff19\uff12\uff17\uff15\uff12", None),
+        ("\u0661\u0664\u0665\u0668\u0666\u0669\u0662\u0667\u0665\u0662", None),
+        ("infinity", None),
+        ("nan", None),
+        ("-1", None),
+        ("10000000000000000", None),
+        ("00000000000000001458692752478", 1458692752478),
+        ("9" * 100_000, None),
+        ("1458692752.5", 1458692752500),
+        ("", None),
     ],
 )
 def test_timestamps_normalise_to_milliseconds(raw: object, ms: int | None) -> None:
@@ -76,3 +91,30 @@ def test_signature_accepts_every_listed_secret_and_nothing_else() -> None:
     assert not verifier.verify(None, body)
     assert not verifier.verify("sha1=" + sign(b"new", body)[7:], body)
     assert verifier.verify(sign(b"new", body).upper().replace("SHA256=", "sha256="), body)
+
+
+def test_forward_kinds_no_kind_has_are_named_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    from workers import registry
+    from workers.__main__ import warn_unclassified_forward_kinds
+
+    settings = Settings.from_env({**BASE, "FORWARD_URL": "http://127.0.0.1:9/hook",
+                                  "FORWARD_SECRET": "forward-secret-1234567890",
+                                  "FORWARD_KINDS": "message,mesage,feed,message_request"})
+
+    async def handler(ctx: object, event: object) -> None:
+        return None
+
+    registry.on("message_request")(handler)
+    try:
+        with caplog.at_level("WARNING", logger="fbhook.worker"):
+            odd = warn_unclassified_forward_kinds(settings)
+    finally:
+        registry.remove("message_request", handler)
+    assert odd == ["feed", "mesage"]
+    [record] = [r for r in caplog.records if r.name == "fbhook.worker"]
+    assert "feed, mesage" in record.getMessage()
+    assert record.forward_kinds == ["feed", "mesage"]  # type: ignore[attr-defined]
+    without_url = Settings.from_env({**BASE, "FORWARD_KINDS": "mesage"})
+    caplog.clear()
+    assert warn_unclassified_forward_kinds(without_url) == ["mesage"]
+    assert not caplog.records  # nothing is forwarded: nothing to warn about

@@ -72,6 +72,23 @@ def log_handlers() -> None:
     log.info("handlers: %s", listed, extra={"handlers": found})
 
 
+def warn_unclassified_forward_kinds(settings: Settings) -> list[str]:
+    """A warning at start for FORWARD_KINDS names that no built-in kind and no handler has
+    (a misspelt `mesage` would otherwise forward nothing, silently). They are kept: a `changes`
+    field names its own kind (`feed`), which no list holds. Returns those names."""
+    from shared.kinds import KINDS
+    from workers.registry import registered
+
+    known = set(KINDS) | set(registered())
+    odd = sorted(kind for kind in settings.forward_kinds if kind not in known)
+    if odd and settings.forward_url:
+        log.warning("FORWARD_KINDS names kinds that are neither built in nor handled here: %s "
+                    "(right for a changes field such as feed; else check the spelling: built-in "
+                    "kinds are %s)", ", ".join(odd), ", ".join(KINDS),
+                    extra={"forward_kinds": odd})
+    return odd
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
     mode = parser.add_mutually_exclusive_group()
@@ -99,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.settings import worker_settings
 
     log_handlers()
+    warn_unclassified_forward_kinds(settings)
     if args.burst:
         Worker(**worker_settings(settings), burst=True).run()
         return 0
