@@ -4,7 +4,9 @@
 For tuning and A/B runs of the worker (`--env WORKER_MAX_JOBS=16`, another commit): it starts
 its own Redis and ingest as `python -m bench` does, prefills the same mixed backlog, resumes one
 or two workers and times the drain, `--rounds` times each, and prints every run (events/s, CPU
-shares, CPU us per event) and the ratio of the best two-worker run to the best one-worker run.
+shares, CPU us per event; for live load, when the generator had sent its last event and how many
+were written by then; for a drain, how fast the ingest filled its backlog and its CPU per event)
+and the ratio of the best two-worker run to the best one-worker run.
 """
 
 from __future__ import annotations
@@ -54,16 +56,18 @@ def main() -> int:
                     point = bench.project_live(count)
                     live[count] = max(live[count], float(point["events_per_s"]))
                     print(f"live, {count} worker(s): {point['events_per_s']:>9,.0f} events/s  "
-                          f"CPU % {point['cpu_pct']}  outputs ok: {point['outputs_ok']}",
-                          flush=True)
+                          f"CPU % {point['cpu_pct']}  CPU us/event {point['cpu_us_per_event']}  "
+                          f"sent in {point['sent_s']} s, {point['written_when_sent']:,} "
+                          f"written by then  outputs ok: {point['outputs_ok']}", flush=True)
                 for count in (1, 2):
                     point = bench.project_drain(
                         count, "bench.handler_worker" if args.handler else "workers")
                     best[count] = max(best[count], float(point["events_per_s"]))
                     print(f"{count} worker(s): {point['events_per_s']:>9,.0f} events/s  "
                           f"CPU % {point['cpu_pct']}  CPU us/event "
-                          f"{point['cpu_us_per_event']}  outputs ok: {point['outputs_ok']}",
-                          flush=True)
+                          f"{point['cpu_us_per_event']}  outputs ok: {point['outputs_ok']}  "
+                          f"(the backlog's ingest: {point['prefill_events_per_s']:,.0f} events/s, "
+                          f"CPU us/event {point['prefill_cpu_us_per_event']})", flush=True)
                 if args.ordered:
                     point = bench.project_ordered(2)
                     print(f"ordered, 2 workers, {point['users']:,} users: "

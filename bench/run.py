@@ -310,13 +310,20 @@ class Bench:
         run = start_closed(self.ports["project"], pool, plan.e2e_conns, E2E_TIMEOUT_S)
         t0 = run.wait_ready()
         meter.start()
-        t_end = self.until(lambda: self.xlen(names) >= pool.events, run)
+        seen: list[tuple[float, int]] = []  # (when, events written): how far the workers were
+
+        def written() -> bool:
+            seen.append((time.perf_counter(), self.xlen(names)))
+            return seen[-1][1] >= pool.events
+
+        t_end = self.until(written, run)
         meter.stop()
         res = run.wait()
         self.stop(*workers)
         pool.path.unlink()
         point = self.e2e_point(f"live, {count} worker(s)", pool.events, t_end - t0, meter, res)
-        point.update(self.outputs(pool))
+        point.update(self.outputs(pool), sent_s=round(run.done_at - t0, 3),
+                     written_when_sent=max((n for at, n in seen if at <= run.done_at), default=0))
         return point
 
     def project_drain(self, count: int, module: str = "workers", users: int | None = None
@@ -334,7 +341,10 @@ class Bench:
         pool = self.pool(factory.mixed(plan.events // plan.batch, plan.batch))
         names = [keys.stream(kind) for kind in pool.kinds]
         before = self.memory()
+        filling = self.meter([self.servers["project"]])
+        filling.start()
         res = start_closed(self.ports["project"], pool, plan.e2e_conns, E2E_TIMEOUT_S).wait()
+        filling.stop()
         jobs = self.zcard(PROJECT_QUEUE)
         per_event = (self.memory() - before) / pool.events
         meter = self.meter(workers)
@@ -350,7 +360,9 @@ class Bench:
             f", ordered, {users:,} users" if users else "")
         point = self.e2e_point(label, pool.events, t_end - t0, meter, res)
         point.update(self.outputs(pool), queued_jobs=jobs,
-                     bytes_per_queued_event=round(per_event, 1))
+                     bytes_per_queued_event=round(per_event, 1),
+                     prefill_events_per_s=round(res.rps * pool.events_per_request, 1),
+                     prefill_cpu_us_per_event=per_unit(filling, pool.events))
         if users:
             point.update(users=users, order_violations=self.order_violations())
         return point
