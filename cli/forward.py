@@ -32,7 +32,7 @@ from cli.common import (
 from shared import keys
 from shared.codec import FORWARD_JOB, JOB_TTL_MS
 from shared.lanes import with_queue_job
-from shared.settings import Settings
+from shared.settings import MAX_FORWARD_AGE_S, Settings
 from shared.signing import sign
 from workers.effects import ForwardRecord
 
@@ -43,18 +43,27 @@ REPLAY_LUA = with_queue_job("""
 -- ARGV[1] dead-letter stream  ARGV[2] entry id     ARGV[3] forward list   ARGV[4] owner key
 -- ARGV[5] arq job-key prefix  ARGV[6] queue        ARGV[7] new job id     ARGV[8] lane
 -- ARGV[9] now (ms)            ARGV[10] job TTL (ms)  ARGV[11] job function ('forward')
+-- ARGV[12] replayed-mark key prefix  ARGV[13] its TTL (ms)
+-- The event's replayed mark (`fb:fwdreplay:<id>`, now) makes its age count from now: the
+-- worker gives up on a delivery once it is older than FORWARD_MAX_AGE_SECONDS, and a replayed
+-- one is that old already.
 -- Returns 1 when replayed, 0 when the entry was not there.
 local rows = redis.call('XRANGE', ARGV[1], ARGV[2], ARGV[2])
 if #rows == 0 then
   return 0
 end
-local fields, payload = rows[1][2], nil
+local fields, payload, id = rows[1][2], nil, nil
 for i = 1, #fields, 2 do
   if fields[i] == 'payload' then
     payload = fields[i + 1]
+  elseif fields[i] == 'id' then
+    id = fields[i + 1]
   end
 end
 redis.call('RPUSH', ARGV[3], payload)
+if id then
+  redis.call('SET', ARGV[12] .. id, ARGV[9], 'PX', ARGV[13])
+end
 if redis.call('EXISTS', ARGV[4]) == 0 then
   local now = tonumber(ARGV[9])
   queue_job(ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[11], tonumber(ARGV[8]), now, now, ARGV[10])
@@ -185,6 +194,7 @@ async def replay(redis: Redis, settings: Settings, entry_ids: list[str] | None) 
             keys.FORWARD_DEAD, letter.entry_id, keys.forward_lane(lane), keys.forward_job(lane),
             keys.ARQ_JOB_PREFIX, settings.queue_name, f"fwd-replay-{os.urandom(6).hex()}-{lane}",
             lane, int(time.time() * 1000), JOB_TTL_MS, FORWARD_JOB,
+            keys.FORWARD_REPLAYED_PREFIX, MAX_FORWARD_AGE_S * 1000,
         ]))
     return replayed
 

@@ -26,6 +26,11 @@ FORWARD_DEAD = "fb:fwd:dead"
 FORWARD_TRIES = "fb:fwd:tries"
 """A hash of event id -> failed delivery tries, for the forward lanes' head events."""
 
+FORWARD_REPLAYED_PREFIX = "fb:fwdreplay:"
+"""`fb:fwdreplay:<event id>`: when `fbhook forward dead replay` sent the event again (ms); its
+age against FORWARD_MAX_AGE_SECONDS counts from then, not from when Facebook sent it. Expires
+after the longest FORWARD_MAX_AGE_SECONDS allowed."""
+
 LANE_TRIES = "fb:lane:tries"
 """A hash of event id -> failed tries, for the head events being retried (small)."""
 
@@ -86,6 +91,10 @@ def forward_lane(n: int) -> str:
 
 def forward_job(n: int) -> str:
     return f"{FORWARD_JOB_PREFIX}{n}"
+
+
+def forward_replayed(event_id: str) -> str:
+    return f"{FORWARD_REPLAYED_PREFIX}{event_id}"
 
 
 def seen(event_id: str) -> str:

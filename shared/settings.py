@@ -43,6 +43,9 @@ def _float(lo: float, hi: float) -> Callable[[str, str], float]:
 PLACEHOLDER_PREFIX = "change-me"
 """How the values of `.env.example` begin: a copied `.env` left as it is must not start."""
 
+MAX_FORWARD_AGE_S = 30 * 86400
+"""The longest FORWARD_MAX_AGE_SECONDS allowed (a replayed delivery's mark lives this long)."""
+
 
 def _not_placeholder(name: str, value: str) -> None:
     if value.lower().startswith(PLACEHOLDER_PREFIX):
@@ -261,7 +264,7 @@ _SPEC: dict[str, tuple[str, Callable[[str, str], object], bool]] = {
     "FORWARD_SECRET": ("forward_secret", _forward_secret, False),
     "FORWARD_KINDS": ("forward_kinds", _kinds, False),
     "FORWARD_TIMEOUT_SECONDS": ("forward_timeout_s", _float(0.1, 300.0), False),
-    "FORWARD_MAX_AGE_SECONDS": ("forward_max_age_s", _int(60, 30 * 86400), False),
+    "FORWARD_MAX_AGE_SECONDS": ("forward_max_age_s", _int(60, MAX_FORWARD_AGE_S), False),
     "FORWARD_CONCURRENCY": ("forward_concurrency", _int(1, 1000), False),
     "WORKER_POLL_DELAY_SECONDS": ("worker_poll_delay_s", _float(0.0, 10.0), False),
     "WORKER_METRICS_PORT": ("worker_metrics_port", _int(0, 65535), False),

@@ -509,6 +509,38 @@ async def test_forward_dead_letters_are_listed_replayed_at_the_end_of_their_lane
     assert out.strip() == "no forward dead letters"
 
 
+async def test_a_delivery_older_than_the_max_age_gives_up_and_a_replay_counts_age_afresh(
+    post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers, redis_proc: RedisProcess,
+) -> None:
+    failing = {"until": 1_000_000}  # the bot answers 503 to the first `until` tries of an event
+    receiver.policy = lambda event_id, seen: Reply(503 if seen < failing["until"] else 200)
+    await workers(1, forward_max_age_s=2)
+    sent = time.time()
+    assert (await post(p.body(p.text_message(mid="aged", sender="ag")))).status == 200
+    await wait_for(lambda: redis.xlen("fb:fwd:dead"), seconds=15)
+    [(entry_id, fields)] = await redis.xrange("fb:fwd:dead")
+    assert fields[b"id"] == b"message:aged" and fields[b"status"] == b"503"
+    assert fields[b"error"].endswith(b"(gave up: older than FORWARD_MAX_AGE_SECONDS)")
+    tries = int(fields[b"tries"])
+    assert tries == len(receiver.got) >= 2  # retried while it was young enough
+    assert receiver.delivered() == []
+
+    # Replayed once it is older than the max age, the event is tried as a new one: one more
+    # 503 is retried (it would have been dead-lettered again at once), then it is delivered.
+    await asyncio.sleep(max(0.0, sent + 2.5 - time.time()))
+    failing["until"] = tries + 1
+    code, out, _ = await fbhook("forward", "dead", "replay", entry_id.decode(),
+                                redis_url=redis_proc.url)
+    assert code == 0 and "1 forward dead letter queued" in out
+    mark = await redis.get("fb:fwdreplay:message:aged")
+    assert mark is not None and int(mark) >= int(sent * 1000) + 2500
+    assert 29 * 86400 * 1000 < await redis.pttl("fb:fwdreplay:message:aged") <= 30 * 86400 * 1000
+    await wait_for(lambda: len(receiver.delivered()) == 1, seconds=15)
+    assert receiver.delivered_ids() == ["message:aged"]
+    assert len(receiver.got) == tries + 2
+    assert await redis.xlen("fb:fwd:dead") == 0
+
+
 async def test_the_demo_receiver_prints_what_the_workers_forward_and_refuses_a_bad_signature(
     post: Post, workers: StartWorkers
 ) -> None:

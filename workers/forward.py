@@ -218,7 +218,11 @@ async def _failure(redis: Redis, settings: Settings, record: ForwardRecord,
     """What the step does with an event whose delivery failed: retry at a time, or give up."""
     tries = int(await redis.hget(keys.FORWARD_TRIES, record.id) or 0) + 1  # type: ignore[misc]
     wait = max(backoff_s(tries), attempt.retry_after_s or 0.0)
-    too_old = time.time() + wait - record.time / 1000 > settings.forward_max_age_s
+    # Its age counts from when it came in, or from when `fbhook forward dead replay` sent it
+    # again (else a replayed delivery, old already, would get a single try).
+    replayed = await redis.get(keys.forward_replayed(record.id))
+    since_ms = max(record.time, int(replayed) if replayed and replayed.isdigit() else 0)
+    too_old = time.time() + wait - since_ms / 1000 > settings.forward_max_age_s
     give_up = not attempt.retryable or too_old
     error = attempt.error + (" (gave up: older than FORWARD_MAX_AGE_SECONDS)"
                              if too_old and attempt.retryable else "")
