@@ -30,7 +30,8 @@ CHANNELS = ("messaging", "standby")
 
 
 class _Entry(msgspec.Struct):
-    id: Any = None
+    id: msgspec.Raw = msgspec.Raw()
+    """Read by `decode` (shared/jsontext.py), as `_Envelope.object`."""
     messaging: msgspec.Raw = msgspec.Raw()
     standby: msgspec.Raw = msgspec.Raw()
     changes: msgspec.Raw = msgspec.Raw()
@@ -38,7 +39,8 @@ class _Entry(msgspec.Struct):
 
 class _Envelope(msgspec.Struct):
     entry: list[msgspec.Raw]
-    object: Any = None
+    object: msgspec.Raw = msgspec.Raw()
+    """Read by `decode` (shared/jsontext.py): any valid JSON value, a 5,000-digit integer too."""
 
 
 class _UsualEntry(msgspec.Struct):
@@ -158,7 +160,8 @@ def read_the_long_way(body: bytes, received_ms: int) -> list[Routed]:
     """`parse` for a body of any shape (valid UTF-8): each entry and list read on its own. A body
     in the usual shape gives the same events read in one pass (tests/test_properties.py)."""
     envelope, readable = _decode_envelope(body)
-    return _Reader(body, readable, _object(envelope.object), received_ms).read(envelope)
+    obj = _object(decode(envelope.object)[0]) if envelope.object else ""
+    return _Reader(body, readable, obj, received_ms).read(envelope)
 
 
 def _decode_envelope(body: bytes) -> tuple[_Envelope, bytes]:
@@ -213,7 +216,7 @@ class _Reader:
                 # Not an entry object: no page, no items; kept whole as one unknown event.
                 self._add(raw, UNKNOWN, "entry", None, decode(raw), start)
                 continue
-            page = as_id(entry.id)
+            page = as_id(decode(entry.id)[0]) if entry.id else None
             for channel in CHANNELS:
                 for item, at in self._items(getattr(entry, channel), start):
                     self._route(item, channel, page, at)

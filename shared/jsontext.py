@@ -1,11 +1,13 @@
 """Any valid JSON text to Python values, including what msgspec refuses by default.
 
-Facebook's bodies are valid JSON, but two things in valid JSON make msgspec's decoder fail: a
-lone UTF-16 surrogate escape (`"\\ud83d"`, half an emoji, as truncated text holds) and a number
-out of a float's range (`1e400`). One such value must not cost the events around it, so they
-are decoded here: a lone surrogate becomes U+FFFD (`\\ufffd`, the same six bytes, so offsets in
-the text do not move) and an out-of-range number becomes an infinite float. Only the decoded
-copy changes: the raw text that is stored keeps what was sent.
+Facebook's bodies are valid JSON, but three things in valid JSON make msgspec's decoder fail: a
+lone UTF-16 surrogate escape (`"\\ud83d"`, half an emoji, as truncated text holds), a number
+out of a float's range (`1e400`) and an integer of more digits than Python reads (4,300). One
+such value must not cost the events around it, so they are decoded here: a lone surrogate
+becomes U+FFFD (`\\ufffd`, the same six bytes, so offsets in the text do not move), an
+out-of-range number an infinite float, and so does such an integer (its digits are never read
+into an int: that is quadratic). Only the decoded copy changes: the raw text that is stored
+keeps what was sent.
 """
 
 from __future__ import annotations
@@ -25,6 +27,22 @@ _ESCAPES = re.compile(
     rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
 )
 _REPLACEMENT = b"\\ufffd"
+
+_LONGEST_INT = 4300
+"""CPython reads integers of at most this many digits (the default of
+`sys.get_int_max_str_digits`); msgspec raises on a longer one."""
+
+# A string (skipped whole, escapes included), or an integer literal longer than that: after
+# `[`, `,`, `:` or whitespace (or at the start), before `]`, `}`, `,`, whitespace or the end.
+_HUGE_INTS = re.compile(
+    rb'"(?:[^"\\]|\\.)*"|(?:^|(?<=[\[,:\s]))(-?)\d{%d,}(?=[\]},\s]|$)' % (_LONGEST_INT + 1)
+)
+
+
+def _huge_to_infinity(match: re.Match[bytes]) -> bytes:
+    if match.group(1) is None:  # a string
+        return match.group()
+    return match.group(1) + b"1e400"
 
 
 def _lone_to_replacement(match: re.Match[bytes]) -> bytes:
@@ -46,8 +64,11 @@ def decode(text: bytes | str | msgspec.Raw) -> tuple[Any, bool]:
     try:
         return _strict.decode(text), False
     except msgspec.DecodeError:
-        data = text.encode() if isinstance(text, str) else bytes(text)
-        return _wide.decode(without_lone_surrogates(data)), True
+        data = without_lone_surrogates(text.encode() if isinstance(text, str) else bytes(text))
+        try:
+            return _wide.decode(data), True
+        except msgspec.ValidationError:  # an integer too long to read
+            return _wide.decode(_HUGE_INTS.sub(_huge_to_infinity, data)), True
 
 
 def loads(text: bytes | str | msgspec.Raw) -> Any:

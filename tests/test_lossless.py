@@ -206,6 +206,50 @@ async def test_a_job_with_healthy_events_of_several_users_and_odd_values_writes_
         assert (await record(redis, user)).last["timestamp_from"] == "received", user
 
 
+async def test_integers_longer_than_python_reads_cost_no_event(
+    post: Post, drain: Drain, redis: Redis
+) -> None:
+    """An integer literal of more digits than CPython converts (4,300; msgspec raises on it),
+    wherever it stands: the body is acknowledged, every item is written once with its text as
+    sent, the value reads as out of range, and nothing goes to the dead letters (the worker read
+    such items the long way and dead-lettered them; the ingest answered 500 for some places)."""
+    big, minus = "9" * 4301, "-" + "9" * 5000
+    items = [
+        text(message("k1", "m-big-text", "@big"), big=big),
+        text(message("k2", "m-big-ts", ts="@big"), big=big),
+        text(item("k3", {"postback": {"mid": "pb-big", "title": "t", "payload": "@big"}}),
+             big=big),
+        text(item("k4", {"message": {"mid": "@big", "text": "a mid of 4,301 digits"}}), big=big),
+        text(item("k5", {"delivery": {"mids": ["m-x"], "watermark": "@minus"}}), minus=minus),
+        text(message("k6", "m-fine")),
+    ]
+    change = text({"field": "feed", "value": {"n": "@big", "s": "@big"}}, big=big)
+    big_id = envelope([text(message("k7", "m-entry-id"))]).replace(
+        json.dumps(PAGE).encode(), big.encode(), 1)
+    big_object = envelope([text(message("k8", "m-object"))]).replace(
+        b'"page"', minus.encode(), 1)
+    bodies = [envelope(items), f'{{"object": "page", "entry": [{{"id": "{PAGE}", '
+              f'"changes": [{change}]}}]}}'.encode(), big_id, big_object]
+    for body in bodies:
+        await accepted(post, body)
+    await drain()
+
+    rows = await stream_rows(redis)
+    assert await list_dead(redis) == []
+    assert len(rows) == len(items) + 3
+    sent = {*items, change, text(message("k7", "m-entry-id")), text(message("k8", "m-object"))}
+    assert {r["raw"] for r in rows} == sent, "every item's text exactly as sent"
+    by_raw = {r["raw"]: r for r in rows}
+    assert [by_raw[t]["kind"] for t in items] == [
+        "message", "message", "postback", "message", "delivery", "message"]
+    events = {t: json.loads(by_raw[t]["event"]) for t in items}
+    assert events[items[0]]["text"] is None  # a number where text belongs is no text
+    assert events[items[1]]["timestamp_from"] == "received"  # an out-of-range time
+    assert events[items[4]]["watermark"] is None
+    assert by_raw[text(message("k7", "m-entry-id"))]["page_id"] == ""  # an id out of range
+    assert by_raw[change]["kind"] == "feed"
+
+
 async def test_an_event_whose_handler_keeps_raising_is_dead_lettered_alone_with_its_item(
     post: Post, drain: Drain, redis: Redis, settings: Settings, no_backoff: None,
     handlers: Callable[[str, Handler], None],
