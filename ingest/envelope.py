@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from ingest.places import Path, places
 from shared.codec import QueuedEvent, encode_event
 from shared.errors import BadRequest
 from shared.identity import SenderIds, as_id, sender_from, sender_of
@@ -204,12 +205,11 @@ class _Reader:
     def __init__(self, body: bytes, readable: bytes, obj: str, received_ms: int) -> None:
         self.body, self.readable, self.obj, self.now = body, readable, obj, received_ms
         self.out: list[Routed] = []
-        self._cursor = 0
+        self._places: dict[Path, int] | None = None
 
     def read(self, envelope: _Envelope) -> list[Routed]:
-        for raw in envelope.entry:
-            start = self._locate(raw, self._cursor)
-            self._cursor = start + len(raw)
+        for i, raw in enumerate(envelope.entry):
+            start = self._place(("entry", i), raw)
             try:
                 entry = _entry_decoder.decode(raw)
             except msgspec.ValidationError:
@@ -218,10 +218,10 @@ class _Reader:
                 continue
             page = as_id(decode(entry.id)[0]) if entry.id else None
             for channel in CHANNELS:
-                for item, at in self._items(getattr(entry, channel), start):
+                for item, at in self._items(getattr(entry, channel), ("entry", i, channel)):
                     self._route(item, channel, page, at)
-            for change, at in self._items(entry.changes, start):
-                self._route_change(change, page, at)
+            for n, (change, at) in enumerate(self._items(entry.changes, ("entry", i, "changes"))):
+                self._route_change(change, page, at, ("entry", i, "changes", n, "value"))
         return self.out
 
     def read_usual(self, envelope: _UsualEnvelope) -> list[Routed]:
@@ -235,29 +235,28 @@ class _Reader:
                 self._route_change(change, page, -1)
         return self.out
 
-    def _items(self, raw: msgspec.Raw, start: int) -> list[tuple[msgspec.Raw, int]]:
-        """The items of a `messaging`, `standby` or `changes` value with their places: a list's
-        elements, or the value itself when it is not a list (absent or null: none)."""
+    def _items(self, raw: msgspec.Raw, path: Path) -> list[tuple[msgspec.Raw, int]]:
+        """The items of a `messaging`, `standby` or `changes` value (at `path`) with their places:
+        a list's elements, or the value itself when it is not a list (absent or null: none)."""
         if not raw or bytes(raw) == b"null":
             return []
-        start = self._locate(raw, start)  # the list's own place: its items are inside it
         try:
             items = _items_decoder.decode(raw)
         except msgspec.ValidationError:
-            items = [raw]
-        placed = []
-        for item in items:
-            start = self._locate(item, start)
-            placed.append((item, start))
-            start += len(item)
-        return placed
+            return [(raw, self._place(path, raw))]
+        return [(item, self._place((*path, n), item)) for n, item in enumerate(items)]
 
-    def _locate(self, raw: msgspec.Raw, start: int) -> int:
-        """Where `raw` stands in the body (only needed when the body was read from a copy)."""
+    def _place(self, path: Path, raw: msgspec.Raw) -> int:
+        """Where `raw`, the value at `path`, stands in the body (only needed when the body was
+        read from a copy: ingest/places.py walks the copy's structure once)."""
         if self.readable is self.body:
             return -1
-        found = self.readable.find(bytes(raw), max(start, 0))
-        return found if found >= 0 else self.readable.find(bytes(raw))
+        if self._places is None:
+            self._places = places(self.readable)
+        at, text = self._places.get(path, -1), bytes(raw)
+        if at < 0 or not self.readable.startswith(text, at):  # never seen: search, as before
+            return self.readable.find(text)
+        return at
 
     def _route(self, raw: msgspec.Raw, channel: str, page: str | None, at: int) -> None:
         """A messaging or standby item: the typed glance when it is a message or postback with
@@ -282,7 +281,8 @@ class _Reader:
         item = decode(raw)
         self._add(raw, classify(item[0]), channel, page, item, at, sender=sender)
 
-    def _route_change(self, raw: msgspec.Raw, page: str | None, at: int) -> None:
+    def _route_change(self, raw: msgspec.Raw, page: str | None, at: int,
+                      value_path: Path = ()) -> None:
         try:
             change = _change_decoder.decode(raw)
         except msgspec.ValidationError:  # not an object
@@ -291,7 +291,7 @@ class _Reader:
         if change.value:
             value = decode(change.value)
             if is_messaging_value(value[0]):
-                at = self._locate(change.value, at)
+                at = self._place(value_path, change.value) if at >= 0 else -1
                 self._add(change.value, classify(value[0]), "messaging", page, value, at)
                 return
         self._add(raw, change_kind(change.field), "changes", page, decode(raw), at)

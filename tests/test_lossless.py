@@ -466,6 +466,56 @@ async def test_an_items_text_is_cut_from_its_own_place_when_it_also_appears_earl
         ("messaging", messaging), ("standby", standby)]
 
 
+COPIES_BEFORE = {
+    "the list under an unknown key before it": (
+        '{"object":"page","entry":[{"id":"1","x":[{"sender":{"id":"5"},"t":"\\ud800"}],'
+        '"messaging":[%s]}]}', '{"sender":{"id":"5"},"t":"\\ufffd"}', "messaging"),
+    "an identical standby list before it": (
+        '{"object":"page","entry":[{"id":"1","standby":[{"sender":{"id":"5"},"t":"\\ud800"}],'
+        '"messaging":[%s]}]}', '{"sender":{"id":"5"},"t":"\\ufffd"}', "messaging"),
+    "its entry under an unknown key before the entry list": (
+        '{"object":"page","x":[{"messaging":[{"sender":{"id":"5"},"t":"\\ud800"}]}],'
+        '"entry":[{"messaging":[%s]}]}', '{"sender":{"id":"5"},"t":"\\ufffd"}', "messaging"),
+    "a change value's copy earlier in the change": (
+        '{"object":"page","entry":[{"id":"1","changes":[{"x":{"sender":{"id":"5"},'
+        '"message":{"mid":"m2","text":"\\ud800"}},"field":"messages","value":%s}]}]}',
+        '{"sender":{"id":"5"},"message":{"mid":"m2","text":"\\ufffd"}}', "messaging"),
+    "a single item (no list) after a copy": (
+        '{"object":"page","entry":[{"id":"1","x":{"sender":{"id":"5"},"t":"\\ud800"},'
+        '"messaging":%s}]}', '{"sender":{"id":"5"},"t":"\\ufffd"}', "messaging"),
+}
+
+
+@pytest.mark.parametrize("case", list(COPIES_BEFORE))
+async def test_an_items_text_comes_from_its_own_place_in_the_bodys_structure(
+    case: str, post: Post, drain: Drain, redis: Redis
+) -> None:
+    """A body with a lone surrogate is read from a copy that has U+FFFD in its place; each item's
+    text as sent is cut from the body where the body's structure puts the item, not where its
+    text first appears (a copy under another key, in another list, earlier in a change): that
+    stored another item's text, and dropped the item as a duplicate of it."""
+    shape, own, channel = COPIES_BEFORE[case]
+    body = (shape % own).encode()
+    await accepted(post, body)
+    await drain()
+    rows = await stream_rows(redis)
+    mine = [r for r in rows if r["channel"] == channel]
+    assert [r["raw"] for r in mine] == [own]
+    if "standby" in case:  # the standby item is an event too, with its own text
+        assert [r["raw"] for r in rows if r["channel"] == "standby"] == [
+            '{"sender":{"id":"5"},"t":"\\ud800"}']
+        assert len(rows) == 2
+    else:
+        assert len(rows) == 1
+    if '"mid"' in own:
+        return  # a mid names the message: the same mid again is the same message
+    # The same item with the lone surrogate, sent alone, is another event, not a duplicate.
+    twin = own.replace("\\ufffd", "\\ud800")
+    await accepted(post, envelope([twin]))
+    await drain()
+    assert len(await stream_rows(redis)) == len(rows) + 1
+
+
 @pytest.mark.parametrize(("one", "other"), [
     ('"x \\ud83d"', '"x \\ud83e"'),
     ('"x \\ud83d"', '"x \\ufffd"'),
