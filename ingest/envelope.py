@@ -271,7 +271,10 @@ class _Reader:
                 kind = message_kind(body.is_echo, body.is_deleted)
             elif body is UNSET and isinstance(head.postback, _MidHead):
                 body, kind = head.postback, "postback"
-            mid = as_id(body.mid) if isinstance(body, _MidHead) else None
+            # A mid is Facebook's string: any other value is hashed with the item instead
+            # (`1` and "1" must not be one message).
+            mid = body.mid if isinstance(body, _MidHead) and isinstance(body.mid, str) \
+                else None
             sender = sender_from(self.obj, head.sender)
             if mid:
                 self._add(raw, kind, channel, page, None, at, f"{kind}:{mid}", sender)
@@ -308,6 +311,10 @@ class _Reader:
             sent = self.body[at:at + len(raw)]
             if sent != bytes(raw):
                 text = sent.decode()
+        if event_id is not None and text is not None and "\ufffd" in event_id:
+            # Its mid may hold a lone surrogate read as U+FFFD (`m-\ud83d` and `m-\ud83e` read
+            # alike): the id comes from the text as sent instead.
+            event_id, item = None, decode(raw)
         if event_id is None:
             assert item is not None
             value, changed = item
@@ -331,8 +338,9 @@ def dedupe_id(kind: str, item: Any, page: str | None, exact: bytes | None = None
     """
     key = MID_KINDS.get(kind)
     if key is not None:
-        mid = as_id(item[key].get("mid"))
-        if mid:
+        mid = item[key].get("mid")
+        # A mid as Facebook sends it, a string, read as sent (no lone surrogate read as U+FFFD).
+        if isinstance(mid, str) and mid and (exact is None or "\ufffd" not in mid):
             return f"{kind}:{mid}"
     digest = hashlib.blake2b(_canonical(item), digest_size=16, person=b"fbhook-item")
     if page is not None:

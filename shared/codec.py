@@ -17,7 +17,8 @@ class QueuedEvent(msgspec.Struct, frozen=True, omit_defaults=True):
     """One raw item on its way to a worker, and what a worker reads back."""
 
     id: str
-    """The dedupe key: `<kind>:<mid>`, or `h:<hash of the item>` for events without a mid."""
+    """The dedupe key: `<kind>:<mid>`, or `h:<hash of the item>` for events without a mid (or
+    with a mid that is no string or was not read as sent: ingest/envelope.py dedupe_id)."""
     kind: str
     channel: str
     """`messaging`, `standby`, `changes` (a change that is not a Messenger event), or `entry`

@@ -17,7 +17,21 @@ from typing import Any
 
 import msgspec
 
-_strict = msgspec.json.Decoder()
+_inexact = [False]
+"""Set while `decode` reads a float literal that another literal reads the same as."""
+
+
+def _noted_float(literal: str) -> float:
+    """A float literal's value, noting one that is not the shortest text of its value
+    (`0.10000000000000001` reads as `0.1`, `1e-400` as `0.0`, `1.50` as `1.5`): two texts that
+    differ must not hash alike (ingest/envelope.py dedupe_id)."""
+    value = float(literal)
+    if repr(value) != literal:
+        _inexact[0] = True
+    return value
+
+
+_strict = msgspec.json.Decoder(float_hook=_noted_float)
 _wide = msgspec.json.Decoder(float_hook=float)
 
 # An escaped backslash is consumed as one unit, so `\\ud83d` (a backslash, then text) is left
@@ -59,10 +73,12 @@ def without_lone_surrogates(text: bytes) -> bytes:
 
 def decode(text: bytes | str | msgspec.Raw) -> tuple[Any, bool]:
     """Decode valid JSON whatever its strings and numbers hold, and say whether the values had
-    to change (a lone surrogate, a number out of range): two texts that differ can then decode
-    alike. Raises msgspec.DecodeError only for text that is not JSON."""
+    to change (a lone surrogate, a number out of range or rounded): two texts that differ can
+    then decode alike. Raises msgspec.DecodeError only for text that is not JSON."""
+    _inexact[0] = False
     try:
-        return _strict.decode(text), False
+        value = _strict.decode(text)
+        return value, _inexact[0]
     except msgspec.DecodeError:
         data = without_lone_surrogates(text.encode() if isinstance(text, str) else bytes(text))
         try:

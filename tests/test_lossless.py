@@ -534,6 +534,41 @@ async def test_two_items_that_differ_as_sent_are_two_events(
     assert sorted(r["raw"] for r in rows) == sorted(changes)
 
 
+DIFFERENT_AS_SENT = {
+    "mids of two different lone surrogates": (
+        '{"sender":{"id":"5"},"timestamp":1700000000000,"message":{"mid":"m-\\ud83d","text":"a"}}',
+        '{"sender":{"id":"5"},"timestamp":1700000000001,"message":{"mid":"m-\\ud83e","text":"b"}}'),
+    "a mid's lone surrogate and a real U+FFFD": (
+        '{"sender":{"id":"5"},"timestamp":1700000000000,"message":{"mid":"m-\\ud83d","text":"a"}}',
+        '{"sender":{"id":"5"},"timestamp":1700000000001,"message":{"mid":"m-\\ufffd","text":"b"}}'),
+    "a mid as a number and as a string": (
+        '{"sender":{"id":"5"},"message":{"mid":1,"text":"a"}}',
+        '{"sender":{"id":"5"},"message":{"mid":"1","text":"b"}}'),
+    "a number that underflows and zero": (
+        '{"sender":{"id":"5"},"brand_new":{"v":1e-400}}',
+        '{"sender":{"id":"5"},"brand_new":{"v":0.0}}'),
+    "two floats that round alike": (
+        '{"sender":{"id":"5"},"brand_new":{"v":0.1}}',
+        '{"sender":{"id":"5"},"brand_new":{"v":0.10000000000000001}}'),
+}
+
+
+@pytest.mark.parametrize("pair", list(DIFFERENT_AS_SENT))
+async def test_two_messaging_items_that_differ_as_sent_are_two_events_each_once(
+    pair: str, post: Post, drain: Drain, redis: Redis
+) -> None:
+    """Each in its own request, each acknowledged: both are written (the second was dropped as a
+    duplicate of the first, their mids or values reading alike), and each sent again is a
+    duplicate (dropped: written once)."""
+    items = DIFFERENT_AS_SENT[pair]
+    for _ in range(2):
+        for one in items:
+            await accepted(post, envelope([one]))
+    await drain()
+    rows = await stream_rows(redis)
+    assert sorted(r["raw"] for r in rows) == sorted(items)
+
+
 # --- changes[] -----------------------------------------------------------------------------------
 
 LABELS = [
