@@ -11,6 +11,8 @@ from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 from shared import keys
+from shared.attribution import read_record
+from shared.report import day_of
 from shared.settings import Settings
 from tests import payloads as p
 from tests.conftest import Post, drain_with, lose_one_reply, stream_rows
@@ -165,7 +167,7 @@ async def test_a_step_whose_reply_was_lost_is_not_run_twice(
              for i in range(4)]
     assert (await post(p.body(*items))).status == 200
     dropped = lose_one_reply(monkeypatch, lambda reply: isinstance(reply, list)
-                             and len(reply) == 3 and reply[1] == b"more")
+                             and len(reply) == 4 and reply[1] == b"more")
     await drain_with(dataclasses.replace(settings, job_max_events=2))
     monkeypatch.undo()
     assert len(dropped) == 1
@@ -199,3 +201,30 @@ async def test_an_event_whose_write_fails_part_way_is_written_once_or_dead_lette
     assert len(await deadletters.list_dead(redis)) == 1
     assert await redis.dump(keys.ATTR_PREFIX + "dup") == before
     assert [k async for k in redis.scan_iter(keys.REPORT_PREFIX + "*")] == []
+
+
+@pytest.mark.parametrize("part", ["n", "source", "new"])
+async def test_a_report_key_of_another_type_costs_the_report_not_a_second_write(
+    part: str, post: Post, drain: Any, redis: Redis, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The report's counters are written after the step's events: one of their keys of another
+    type (another program's) failed the step's call after its events were written, and the
+    retries wrote them again (a referral three times on its stream and on `fb:referrals`, three
+    touches, then dead-lettered). Now the events are written once, the user has one touch, and
+    the worker says the counters were not written."""
+    monkeypatch.setattr(jobs, "backoff_s", lambda job_try: 0.0)
+    ts = int(time.time() * 1000)
+    await redis.rpush(keys.report_day(day_of(ts), part), "another program's")
+    item = p.shortlink_referral("spring", sender="once", ts=ts)
+    caplog.set_level("WARNING", logger="fbhook.worker")
+    assert (await post(p.body(item, p.text_message(mid="m-once", sender="other")))).status == 200
+    await drain()
+    assert [r["sender"] for r in await stream_rows(redis, "referral")] == ["once"]
+    assert len(await stream_rows(redis, "message")) == 1
+    assert await redis.xlen(keys.REFERRALS_STREAM) == 1
+    assert await deadletters.list_dead(redis) == []
+    view = read_record("once", await redis.get(keys.attribution("once")))
+    assert view is not None and view.touches == 1
+    warned = [r for r in caplog.records if "counters" in r.getMessage()]
+    assert len(warned) == 1 and "WRONGTYPE" in warned[0].error  # type: ignore[attr-defined]

@@ -38,10 +38,11 @@
 -- and the lane goes on. The lane's owner key is deleted in the call that leaves the lane empty,
 -- so ingest queues a new job for the next event (shared/enqueue.lua).
 --
--- Returns {codes, status, tries}: one code per event written (1 written, 2 with a touch for a
--- new user, 3 with a touch for a returning user), the status ('more', 'ended', 'handed',
--- 'retry', each after 'dead' when an event was dead-lettered: 'dead more', ...) and the failed
--- event's tries (0 if none). The worker sends a plain LRANGE of the lane right behind this call
+-- Returns {codes, status, tries, counts error}: one code per event written (1 written, 2 with a
+-- touch for a new user, 3 with a touch for a returning user), the status ('more', 'ended',
+-- 'handed', 'retry', each after 'dead' when an event was dead-lettered: 'dead more', ...), the
+-- failed event's tries (0 if none) and why the report's counters were not written (or false).
+-- The worker sends a plain LRANGE of the lane right behind this call
 -- (shared/packed_call.py `then`): its reply is the lane's next head when the status ends in
 -- 'more', one round trip per step, at a tenth of the Redis time of the same read in here
 -- (Lua copies every event in and out again).
@@ -283,20 +284,29 @@ local function undo_failed_event()
   end
 end
 
--- The report counters of the events written are added even when a write fails part way.
 local ok, err = pcall(write_all)
 if not ok then
   undo_failed_event()
 end
-write_counts()
-if forwarded and redis.call('EXISTS', step[19]) == 0 then
-  local now = tonumber(step[11])
-  queue_job(step[19], step[15], step[10], step[20], 'forward', step[9], now, now, step[16])
-end
+-- The events written leave the lane before anything else is written: a script that fails keeps
+-- what it wrote, and a step that failed after its events' writes would write them again.
 local tries_key = step[13]
 if written > 0 then
   redis.call('LTRIM', lane, written, -1)
   redis.call('HDEL', tries_key, rows[1])  -- only a lane's head event is ever retried
+end
+-- The report counters of the events written, even when a write failed part way. They are
+-- derived: a key of theirs of another type (another program's) costs the report those counts,
+-- said in the reply, not the step.
+local counted, counts_error = pcall(write_counts)
+if not counted then
+  counts_error = type(counts_error) == 'table' and counts_error.err or tostring(counts_error)
+else
+  counts_error = false
+end
+if forwarded and redis.call('EXISTS', step[19]) == 0 then
+  local now = tonumber(step[11])
+  queue_job(step[19], step[15], step[10], step[20], 'forward', step[9], now, now, step[16])
 end
 if not ok then
   local b = written * WIDTH
@@ -316,7 +326,7 @@ if failed then
   if tries < tonumber(step[12]) then
     local backoffs = step[17]
     queue_next(now + (backoffs[tries] or backoffs[#backoffs]))
-    return remember(steps, lane, step_id, {out, 'retry', tries})
+    return remember(steps, lane, step_id, {out, 'retry', tries, counts_error})
   end
   redis.call('XADD', step[14], '*', 'id', failed[1], 'kind', failed[2],
     'error', string.sub(failed[3], 1, 2000), 'tries', tries, 'failed_at', now,
@@ -328,4 +338,4 @@ if failed then
 end
 
 local after = next_step(lane, owner, mode == 'handoff', queue_next, now)
-return remember(steps, lane, step_id, {out, status .. after, tries})
+return remember(steps, lane, step_id, {out, status .. after, tries, counts_error})

@@ -3,6 +3,7 @@ Lua call (workers/effects.lua)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -51,6 +52,8 @@ WRITTEN, NEW_USER, RETURNING_USER = 1, 2, 3
 class LaneLost(Exception):
     """This run no longer owns its lane (it was presumed dead and the lane was taken over)."""
 
+log = logging.getLogger("fbhook.worker")
+
 _json = msgspec.json.Encoder().encode
 _pack = msgspec.msgpack.Encoder().encode
 
@@ -58,6 +61,10 @@ _pack = msgspec.msgpack.Encoder().encode
 def _text(value: Any) -> str:
     """JSON as str: Redis's Lua MessagePack decoder knows str but not bin."""
     return _json(value).decode()
+
+
+def _text_of(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _ad_title(touch: Touch) -> str | bool:
@@ -203,6 +210,9 @@ class Effects:
             if code >= NEW_USER:
                 metrics.count_touch(row.source, code == RETURNING_USER)
         status = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        if len(reply) > 3 and reply[3]:
+            log.warning("the report's counters of a step were not written",
+                        extra={"lane": step.lane, "error": _text_of(reply[3])})
         return Outcome(codes, status, int(reply[2]), following if status.endswith("more") else [])
 
     async def aclose(self) -> None:
