@@ -48,6 +48,33 @@ async def test_a_persistent_script_error_dead_letters_the_batch(
     assert len(await stream_rows(redis, "message")) == 2
 
 
+
+async def test_a_run_that_lost_its_lane_buries_nothing(
+    post: Post, drain: Any, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose step calls Redis refused try after try buries the lane's head events, but only
+    while it owns the lane: taken over meanwhile (presumed dead), it buries nothing (the
+    events stay at the head, for the run that has the lane), as a stale step writes nothing."""
+    calls = 0
+
+    async def refused_then_taken_over(self: Effects, events: list[Any], step: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # the last try (JOB_MAX_TRIES 3): another run has the lane now
+            await redis.set(keys.lane_job(step.lane), "another-run")
+        raise ResponseError("ERR user_script:1: Bad data format in input")
+
+    monkeypatch.setattr(Effects, "write", refused_then_taken_over)
+    monkeypatch.setattr(jobs, "backoff_s", lambda job_try: 0.0)
+    assert (await post(p.body(p.text_message(mid="a"), p.text_message(mid="b")))).status == 200
+    await drain()
+    assert calls == 3
+    assert await deadletters.list_dead(redis) == []
+    lanes = [k async for k in redis.scan_iter(keys.LANE_PREFIX + "[0-9]*")]
+    assert len(lanes) == 1 and await redis.llen(lanes[0]) == 2
+    assert await redis.get(keys.lane_job(int(lanes[0].decode().rpartition(":")[2]))) == \
+        b"another-run"
+
 @pytest.mark.parametrize("refusal", [
     # as redis-py raises them: a known code becomes the class and is cut off the message
     OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),

@@ -46,7 +46,7 @@ from typing import Any
 
 import msgspec
 from arq import Retry
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 from redis.exceptions import (
     BusyLoadingError,
@@ -173,7 +173,10 @@ class _Run:
                 outcome = "retry"
                 raise Retry(defer=backoff_s(self.step.job_try)) from exc
             outcome = "dead_letter"
-            if await self._bury_head(error):
+            goes_on = await self._bury_head(error)
+            if goes_on is None:
+                outcome = "lost"
+            elif goes_on:
                 raise Retry(defer=0) from exc  # the lane's next events, in a new try
             return self.written
         except (RedisError, OSError) as exc:
@@ -183,21 +186,27 @@ class _Run:
         finally:
             self._record(outcome, steps, failed, error, time.perf_counter() - started)
 
-    async def _bury_head(self, error: str) -> bool:
+    async def _bury_head(self, error: str) -> bool | None:
         """Dead-letter the events at the head of the lane (what the refused call held) and take
-        them off it; when there are none, the lane's owner is released. Returns whether any
-        were buried."""
+        them off it; when there are none, the lane's owner is released. Fenced as a step is.
+        Returns whether the lane goes on in a new try (events were buried, or came in); None
+        when this run no longer owns the lane."""
         lane, max_events = keys.lane(self.step.lane), self.settings.job_max_events
         blobs: list[bytes] = await self.redis.lrange(lane, 0, max_events - 1)  # type: ignore[misc]
-        if not blobs:
-            await self.redis.delete(keys.lane_job(self.step.lane))
-            return False
-        await self.redis.register_script(BURY_LUA)(args=[
-            lane, keys.STEPS, os.urandom(8).hex(), keys.DEAD_LETTERS, keys.SEEN_PREFIX,
-            self.settings.dedupe_ttl_s, UNKNOWN, error[:2000], self.step.job_try,
-            int(time.time() * 1000), len(blobs), *(_event_id(b) for b in blobs), *blobs])
-        metrics.DEAD.labels(UNKNOWN).inc(len(blobs))
-        return True
+        try:
+            buried = int(await self.redis.register_script(BURY_LUA)(args=[
+                lane, keys.STEPS, os.urandom(8).hex(), keys.DEAD_LETTERS, keys.SEEN_PREFIX,
+                self.settings.dedupe_ttl_s, UNKNOWN, error[:2000], self.step.job_try,
+                int(time.time() * 1000), keys.lane_job(self.step.lane), self.step.job_id,
+                retry_key_prefix + self.step.job_id, len(blobs),
+                *(_event_id(b) for b in blobs), *blobs]))
+        except ResponseError as exc:
+            if str(exc).startswith("LANELOST"):  # another run has the lane: it is its to bury
+                return None
+            raise
+        if buried > 0:
+            metrics.DEAD.labels(UNKNOWN).inc(buried)
+        return buried != 0
 
     async def _run(self, blobs: list[bytes], deadline: float) -> tuple[list[Row], Failed | None]:
         """The rows of the head events whose handlers succeeded, in order, up to the first event
