@@ -332,3 +332,83 @@ def test_the_usual_shapes_take_the_fast_path() -> None:
                            "timestamp": 1_700_000_000_000, **body}).encode()
         queued = QueuedEvent("h:x", kind, "messaging", "page", "PAGE", 1, msgspec.Raw(text))
         assert wire.event_of(queued) == normalize(queued, loads(text)), kind
+
+
+# --- where each item stands in a body read from a copy (ingest/places.py) --------------------
+
+_SCALARS = st.one_of(st.integers(-10**20, 10**20), st.booleans(), st.none(),
+                     st.sampled_from(["x", "\ufffd", "\\", '"', "a\ud800b", "\udc00", ""]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
+        ["t", "messaging", "value", "entry", "x"]), inner, max_size=3)), max_leaves=8)
+
+
+def _text(value: Any, draw: Any) -> str:
+    """JSON text of `value` as a hostile sender might write it: spaces anywhere between tokens,
+    keys sometimes escaped, and a key sometimes written twice (the first copy a decoy)."""
+    space = draw(st.sampled_from(["", " ", "\n  "]))
+    if isinstance(value, dict):
+        members = []
+        for key, item in value.items():
+            if draw(st.booleans()) and draw(st.booleans()):  # a decoy under the same key first
+                members.append(f"{_key(key, draw)}:{space}{_text(draw(_VALUES), draw)}")
+            members.append(f"{_key(key, draw)}{space}:{space}{_text(item, draw)}")
+        return "{" + space + ("," + space).join(members) + space + "}"
+    if isinstance(value, list):
+        return "[" + space + ("," + space).join(_text(i, draw) for i in value) + space + "]"
+    return json.dumps(value)  # a lone surrogate as its escape
+
+
+def _key(key: str, draw: Any) -> str:
+    return json.dumps(key) if draw(st.booleans()) else '"' + "".join(
+        f"\\u{ord(c):04x}" for c in key) + '"'
+
+
+@st.composite
+def _bodies(draw: Any) -> tuple[str, Any]:
+    def items() -> list[Any]:
+        return draw(st.lists(_VALUES, max_size=3))
+
+    entries = []
+    for _ in range(draw(st.integers(1, 3))):
+        entry: dict[str, Any] = {"x": draw(_VALUES)}
+        for name in draw(st.permutations(["messaging", "standby", "changes"])):
+            if draw(st.booleans()):
+                entry[name] = items() if name != "changes" else [
+                    {"x": draw(_VALUES), "field": "f", "value": draw(_VALUES)} for _ in items()]
+        entries.append(entry)
+    body = {"x": draw(st.lists(_VALUES, max_size=2)), "entry": entries, "object": "page"}
+    return _text(body, draw), body
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_bodies())
+def test_each_place_holds_the_value_the_bodys_structure_puts_there(body: tuple[str, Any]) -> None:
+    """The offsets `places` gives (read from the copy without lone surrogates, as the ingest
+    does) hold, read from there, the very value that a full reading of the body has at that
+    path: copies of items under other keys, keys written twice or escaped, and spacing never
+    move it."""
+    from ingest.places import places
+    from shared.jsontext import without_lone_surrogates
+
+    text, _ = body  # ASCII (json.dumps escapes the rest): offsets in bytes are in characters
+    whole = json.loads(text)  # the last of duplicate keys counts, as msgspec reads them
+    found = places(without_lone_surrogates(text.encode()))
+    wanted: list[tuple[Any, ...]] = []
+    for i, entry in enumerate(whole["entry"]):
+        wanted.append(("entry", i))
+        for name in ("messaging", "standby", "changes"):
+            if name in entry:
+                wanted.append(("entry", i, name))
+            if isinstance(entry.get(name), list):
+                wanted += [("entry", i, name, j) for j in range(len(entry[name]))]
+                if name == "changes":
+                    wanted += [("entry", i, name, j, "value")
+                               for j, change in enumerate(entry[name]) if "value" in change]
+    decoder = json.JSONDecoder()
+    for path in wanted:
+        expected: Any = whole
+        for step in path:
+            expected = expected[step]
+        assert path in found
+        assert decoder.raw_decode(text, found[path])[0] == expected, path
