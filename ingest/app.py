@@ -348,7 +348,8 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         handler_args={"lingering_time": settings.body_timeout_s, "read_bufsize": READ_BUFSIZE,
-                      "logger": server_log},
+                      "logger": server_log,
+                      "auto_decompress": False},  # ingest/body.py inflates, within its bounds
     )
     app[SETTINGS] = settings
     app[CLOCK] = WebhookClock()

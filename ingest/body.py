@@ -4,14 +4,18 @@ aiohttp's `request.read()` waits as long as the client likes and holds up to `cl
 bytes per request, so a few hundred uploads stalled just before their last byte held hundreds of
 megabytes for as long as their senders wished. Here a body must arrive within
 BODY_TIMEOUT_SECONDS of its headers, and a body larger than the buffer aiohttp fills for every
-connection anyway needs one of MAX_BODIES_BUFFERING slots to be read at all.
+connection anyway needs one of MAX_BODIES_BUFFERING slots to be read at all. A compressed body
+(`Content-Encoding: gzip` or `deflate`) is inflated here, once it has all arrived, to at most
+MAX_BODY_BYTES: aiohttp's own inflating (turned off in ingest/app.py) inflated each chunk as it
+came, so a stalled upload of a kilobyte held a megabyte, outside the slots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import zlib
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from shared.errors import BodyRefused
@@ -34,6 +38,10 @@ that holds it is read, in milliseconds when the sender is honest; waiting longer
 stalled uploads hold more connections."""
 
 
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+"""How zlib reads each Content-Encoding the ingest takes (deflate as HTTP means it: zlib)."""
+
+
 class BodyReader:
     """Reads request bodies under the limits of one ingest process."""
 
@@ -49,8 +57,32 @@ class BodyReader:
             raise BodyRefused(413, "too_large", f"body over {self._max_bytes} bytes")
 
     async def read(self, request: web.Request) -> bytes:
-        """The whole body; raises BodyRefused when it is too large, the slots are taken, it did not
-        arrive in time, or the client went away before sending it all."""
+        """The whole body, inflated when it came compressed; raises BodyRefused when it is too
+        large, the slots are taken, it did not arrive in time, the client went away before
+        sending it all, or it does not inflate."""
+        encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+        if encoding in ("", "identity"):
+            return await self._received(request)
+        wbits = _WBITS.get(encoding)
+        if wbits is None:
+            raise BodyRefused(415, "content_encoding",
+                              "Content-Encoding must be gzip, deflate or identity")
+        return self._inflated(await self._received(request), wbits)
+
+    def _inflated(self, body: bytes, wbits: int) -> bytes:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, self._max_bytes + 1)
+        except zlib.error:
+            raise BodyRefused(400, "bad_encoding", "body does not inflate as its "
+                              "Content-Encoding says") from None
+        if len(out) > self._max_bytes or inflater.unconsumed_tail:
+            raise BodyRefused(413, "too_large", f"body over {self._max_bytes} bytes inflated")
+        if not inflater.eof:
+            raise BodyRefused(400, "bad_encoding", "compressed body ended before it was complete")
+        return out
+
+    async def _received(self, request: web.Request) -> bytes:
         self.check_size(request)
         if request.content.is_eof():  # it all came with the headers: nothing to wait for
             return await self._read(request, None)

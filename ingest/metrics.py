@@ -21,7 +21,7 @@ STATUSES: Final = (200, 400, 403, 408, 413, 415, 503)
 """Every status POST /webhook answers with."""
 
 REASONS: Final = ("content_type", "too_large", "bad_signature", "bad_request", "queue_unavailable",
-                  "body_timeout", "busy", "incomplete_body")
+                  "body_timeout", "busy", "incomplete_body", "content_encoding", "bad_encoding")
 """Why POST /webhook refused a request: 415, 413, 403, 400 and 503 in that order, then 408 (the
 body did not arrive in time), 503 (too many large bodies being read) and 400 (the client went
 away, or broke its chunked encoding, before the body ended)."""
