@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from shared.errors import ConfigError
 from shared.sentinel import is_sentinel_url
@@ -71,7 +72,8 @@ def _token(name: str, raw: str) -> str:
 
 def _http_url(name: str, raw: str) -> str:
     if not raw.startswith(("http://", "https://")) or len(raw) < 10:
-        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
+        # Not echoed: a bot's URL may carry its credentials (user:password@, ?key=).
+        raise ConfigError(f"{name} must be an http:// or https:// URL")
     return raw
 
 
@@ -96,9 +98,17 @@ def _redis_url(name: str, raw: str) -> str:
         except ValueError as exc:
             raise ConfigError(f"{name} is not a valid Sentinel URL: {exc}") from None
     elif not raw.startswith(("redis://", "rediss://", "unix://")):
-        scheme = raw.partition("://")[0]
+        # Named only when it is plainly a scheme: a URL that lost its `//` holds its password
+        # where a scheme would be (`redis:/:secret@redis`), and none of it may be printed.
+        scheme, found, _ = raw.partition("://")
+        shown = f", not {scheme + found!r}" if found and scheme.isalpha() else ""
         raise ConfigError(f"{name} must start with redis://, rediss://, unix://, "
-                          f"redis+sentinel:// or rediss+sentinel://, not {scheme!r}")
+                          f"redis+sentinel:// or rediss+sentinel://{shown}")
+    elif not raw.startswith("unix://"):
+        try:
+            urlsplit(raw).port  # noqa: B018 - raises for a port that is no number in range
+        except ValueError:
+            raise ConfigError(f"{name} has a port that is not a number from 0 to 65535") from None
     return raw
 
 

@@ -118,3 +118,20 @@ def test_forward_kinds_no_kind_has_are_named_at_start(caplog: pytest.LogCaptureF
     caplog.clear()
     assert warn_unclassified_forward_kinds(without_url) == ["mesage"]
     assert not caplog.records  # nothing is forwarded: nothing to warn about
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("REDIS_URL", "redis:/:S3CRETPW@redis:6379/0"),  # lost a slash: the password reads as a scheme
+    ("REDIS_URL", "S3CRETPW@redis:6379"),
+    ("REDIS_URL", "redis//:S3CRETPW@redis:6379/0"),
+    ("REDIS_URL", "redis://:S3CRETPW@127.0.0.1:notaport/0"),  # was a traceback, at connect
+    ("REDIS_URL", "redis://:S3CRETPW@127.0.0.1:99999/0"),
+    ("FORWARD_URL", "ftp://bot:S3CRETPW@bot.example/hook?key=S3CRETPW"),
+])
+def test_a_bad_url_is_named_without_printing_what_it_holds(name: str, value: str) -> None:
+    env = {**BASE, name: value}
+    if name == "FORWARD_URL":
+        env["FORWARD_SECRET"] = "forward-secret-1234567890"
+    with pytest.raises(ConfigError, match=name) as raised:
+        Settings.from_env(env)
+    assert "S3CRETPW" not in str(raised.value)
