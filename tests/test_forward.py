@@ -541,6 +541,40 @@ async def test_a_delivery_older_than_the_max_age_gives_up_and_a_replay_counts_ag
     assert await redis.xlen("fb:fwd:dead") == 0
 
 
+@pytest.mark.parametrize("ref", ["\U0001F600" * 700, "r" * 8200], ids=["emoji", "ascii"])
+async def test_a_ref_too_long_for_a_header_costs_no_delivery(
+    ref: str, post: Post, redis: Redis, receiver: Receiver, workers: StartWorkers
+) -> None:
+    """A signed m.me ref of thousands of characters made `X-Fbhook-Attribution` longer than the
+    8 KB a bot's server takes: it answered 400, final, and the referral and every later event of
+    the user went to the dead letters. Such a value is now sent as null and named in
+    `X-Fbhook-Attribution-Cut`; every event is delivered."""
+    await workers(1)
+    assert (await post(p.body(p.shortlink_referral(ref, sender="lr")))).status == 200
+    assert (await post(p.body(p.text_message(mid="lr-later", sender="lr")))).status == 200
+    await wait_for(lambda: len(receiver.delivered()) == 2)
+    assert await redis.xlen("fb:fwd:dead") == 0
+    for got in receiver.delivered():
+        attribution = json.loads(got.headers["X-Fbhook-Attribution"])
+        assert attribution == {"_fbRefSource": "SHORTLINK", "_fbRefParam": None,
+                               "_fbRefAdId": None}
+        assert got.headers["X-Fbhook-Attribution-Cut"] == "_fbRefParam"
+        assert len(got.headers["X-Fbhook-Attribution"]) <= 4096
+
+
+def test_an_error_names_the_bots_url_without_its_credentials() -> None:
+    """aiohttp quotes the URL it failed on, and that text went to the worker's log and the dead
+    letter: a bot's key in the query string (or a user and password) with it."""
+    from workers.forward import redacted
+
+    text = ("ClientConnectorError: Cannot connect to host 127.0.0.1:9 ssl:default "
+            "[url='http://bot:PASS@127.0.0.1:9/hook/x?key=KEY&b=2#frag'] (also "
+            "https://h.example/p?token=TOKEN)")
+    out = redacted(text)
+    assert "PASS" not in out and "KEY" not in out and "TOKEN" not in out
+    assert "http://127.0.0.1:9/hook/x" in out and "https://h.example/p" in out
+
+
 async def test_the_demo_receiver_prints_what_the_workers_forward_and_refuses_a_bad_signature(
     post: Post, workers: StartWorkers
 ) -> None:

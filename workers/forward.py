@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -102,10 +103,9 @@ class Forwarder:
             "X-Hub-Signature-256": sign(self.settings.forward_secret, body),
             "X-Fbhook-Event-Id": header_id(record.id),
             "X-Fbhook-Kind": record.kind,
-            "X-Fbhook-Attribution": json.dumps(
-                {k: v for k, v in vars_.items() if k != "__fbref__"}, ensure_ascii=True),
             "X-Fbhook-Referral": "1" if vars_.get("__fbref__") else "0",
         }
+        headers.update(attribution_headers({k: v for k, v in vars_.items() if k != "__fbref__"}))
         started = time.perf_counter()
         try:
             async with self.session.post(
@@ -115,7 +115,7 @@ class Forwarder:
                 attempt = Attempt(answer.status, text, "" if answer.status < 300 else
                                   f"HTTP {answer.status}", retry_after(answer.headers))
         except (aiohttp.ClientError, TimeoutError) as exc:
-            attempt = Attempt(0, "", f"{type(exc).__name__}: {exc}"[:300])
+            attempt = Attempt(0, "", redacted(f"{type(exc).__name__}: {exc}")[:300])
         metrics.count_delivery(attempt.status, attempt.delivered, time.perf_counter() - started)
         # Set on failures too: while the bot is down, the retried head events keep it growing.
         metrics.FORWARD_LAG.set(max(0.0, time.time() - record.time / 1000))
@@ -123,6 +123,34 @@ class Forwarder:
 
 
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+ATTRIBUTION_MAX = 4096
+"""The longest `X-Fbhook-Attribution` sent (bots' servers refuse headers over about 8 KB, and
+a refusal dead-letters the event): a value that would make it longer (a ref of thousands of
+characters) is sent as null and named in `X-Fbhook-Attribution-Cut`; the bot reads it whole from
+`GET /attribution/<user>`."""
+
+
+def attribution_headers(attribution: dict[str, Any]) -> dict[str, str]:
+    """`X-Fbhook-Attribution` (and `X-Fbhook-Attribution-Cut` when values had to be left out)."""
+    text = json.dumps(attribution, ensure_ascii=True)
+    if len(text) <= ATTRIBUTION_MAX:
+        return {"X-Fbhook-Attribution": text}
+    cut = sorted(k for k, v in attribution.items()
+                 if len(json.dumps(v, ensure_ascii=True)) > ATTRIBUTION_MAX // 4)
+    kept = {k: (None if k in cut else v) for k, v in attribution.items()}
+    return {"X-Fbhook-Attribution": json.dumps(kept, ensure_ascii=True)[:ATTRIBUTION_MAX],
+            "X-Fbhook-Attribution-Cut": ",".join(cut)}
+
+
+_URL_PARTS = re.compile(r"(https?://)(?:[^/\s'\"@]*@)?([^\s'\"?#]*)(?:\?[^\s'\"#]*)?")
+
+
+def redacted(text: str) -> str:
+    """`text` (an error from aiohttp, which quotes the URL it failed on) with every URL's
+    user, password and query left out: a bot's URL may carry its key there."""
+    return _URL_PARTS.sub(r"\1\2", text)
 
 
 def header_id(event_id: str) -> str:
