@@ -132,15 +132,26 @@ async def _answer_and_close(request: web.Request, response: web.Response) -> Non
     request.protocol.force_close()
 
 
-async def _receive(request: web.Request, state: State) -> Outcome:
+def _refused_on_headers(request: web.Request, state: State) -> Outcome | None:
+    """The answer to a webhook its headers alone refuse (before a byte of the body is read)."""
     content_type = request.content_type
     if request.headers.get("Content-Type") and content_type not in _JSON_TYPES:
         return Outcome(_text(415, "content type must be application/json"), "content_type")
-    signature = request.headers.get("X-Hub-Signature-256")
     try:
         state.bodies.check_size(request)
-        if not well_formed(signature):  # refused before a byte of the body is held
-            return Outcome(_text(403, "invalid or missing X-Hub-Signature-256"), "bad_signature")
+    except BodyRefused as exc:
+        return Outcome(_text(exc.status, str(exc)), exc.reason)
+    if not well_formed(request.headers.get("X-Hub-Signature-256")):
+        return Outcome(_text(403, "invalid or missing X-Hub-Signature-256"), "bad_signature")
+    return None
+
+
+async def _receive(request: web.Request, state: State) -> Outcome:
+    refused = _refused_on_headers(request, state)
+    if refused is not None:
+        return refused
+    signature = request.headers.get("X-Hub-Signature-256")
+    try:
         body = await state.bodies.read(request)
     except BodyRefused as exc:
         return Outcome(_text(exc.status, str(exc)), exc.reason)
@@ -282,6 +293,16 @@ async def _expect(request: web.Request) -> None:
     request.writer.output_size = 0  # the answer itself has not started
 
 
+async def _expect_webhook(request: web.Request) -> None:
+    """`_expect` for POST /webhook: no 100 Continue for a webhook its headers already refuse
+    (too large, not JSON, no well-formed signature): its answer comes instead, and the client
+    never sends the body."""
+    if request.headers.get("Expect", "").lower() == "100-continue" and \
+            _refused_on_headers(request, request.app[STATE]) is not None:
+        return
+    await _expect(request)
+
+
 async def _unrouted(request: web.Request) -> web.StreamResponse:
     """The 405 or 404 aiohttp would answer, from a route that has `_expect` (aiohttp answers
     these from routes of its own that keep its Expect handler)."""
@@ -358,7 +379,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_metrics_port_ctx)
     router = app.router
     router.add_get("/webhook", handshake, expect_handler=_expect)
-    router.add_post("/webhook", receive, expect_handler=_expect)
+    router.add_post("/webhook", receive, expect_handler=_expect_webhook)
     router.add_get("/healthz", healthz, expect_handler=_expect)
     router.add_get("/readyz", readyz, expect_handler=_expect)
     router.add_get("/attribution/{user_id}", attribution, expect_handler=_expect)

@@ -401,3 +401,29 @@ async def test_metrics_stay_on_the_public_port_when_no_port_is_set(
     response = await client.get("/metrics")
     assert response.status == 200
     assert "fbhook_malformed_requests_total" in await response.text()
+
+
+@pytest.mark.parametrize(("headers", "first"), [
+    ([(b"Content-Length", b"50000000"), (b"X-Hub-Signature-256", b"sha256=" + b"0" * 64)],
+     b"HTTP/1.1 413"),
+    ([(b"Content-Type", b"text/html"), (b"X-Hub-Signature-256", b"sha256=" + b"0" * 64)],
+     b"HTTP/1.1 415"),
+    ([], b"HTTP/1.1 403"),
+    ([(b"X-Hub-Signature-256", b"sha256=" + b"0" * 64)], b"HTTP/1.1 100 Continue"),
+], ids=["too-large", "not-json", "no-signature", "fine"])
+async def test_expect_100_continue_is_not_granted_to_a_webhook_its_headers_refuse(
+    headers: list[tuple[bytes, bytes]], first: bytes, client: TestClient[Any, Any]
+) -> None:
+    """The refusal comes instead of `100 Continue`: the client is never invited to send the body
+    that its headers already refuse (it was: 100, then 413)."""
+    sent = {b"Content-Type": b"application/json", b"Content-Length": b"100", **dict(headers)}
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        writer.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" + b"".join(
+            name + b": " + value + b"\r\n" for name, value in sent.items()) + b"\r\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+    assert line.startswith(first), line
