@@ -263,7 +263,11 @@ async def report(request: web.Request) -> web.Response:
                                  "Authorization: Bearer <API_TOKEN>.\n")
     try:
         first, last = parse_range(query.get("from"), query.get("to"))
-        limit = int(query.get("limit", DEFAULT_LIMIT))
+        given = query.get("limit", str(DEFAULT_LIMIT))
+        if not (given.isascii() and given.isdigit()):  # int() takes "1_0", " 1 ", other digits
+            raise ValueError
+        digits = given.lstrip("0") or "0"  # a long run of digits is never read into an int
+        limit = int(digits) if len(digits) <= 6 else 10_001
         if not 0 <= limit <= 10_000:
             raise ValueError
     except ReportRangeError as exc:

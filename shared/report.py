@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import heapq
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, TypeVar
@@ -143,14 +144,24 @@ def utc_today() -> dt.date:
     return dt.datetime.now(dt.UTC).date()
 
 
+_YYYY_MM_DD = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _date(text: str) -> dt.date:
+    """A date written YYYY-MM-DD, and only so (`fromisoformat` also takes `2026-W48-1` and
+    `20261201`, which the error message says are not dates here)."""
+    if not _YYYY_MM_DD.fullmatch(text):
+        raise ValueError(text)
+    return dt.date.fromisoformat(text)
+
+
 def parse_range(start: str | None, end: str | None, today: dt.date | None = None,
                 ) -> tuple[dt.date, dt.date]:
     """The inclusive date range of `from` and `to` (YYYY-MM-DD); by default the last 30 days
     up to today (UTC). Raises ReportRangeError with a message fit for a 400 answer."""
     try:
-        last = dt.date.fromisoformat(end) if end else (today or utc_today())
-        first = (dt.date.fromisoformat(start) if start
-                 else last - dt.timedelta(days=DEFAULT_DAYS - 1))
+        last = _date(end) if end else (today or utc_today())
+        first = _date(start) if start else last - dt.timedelta(days=DEFAULT_DAYS - 1)
     except ValueError:
         raise ReportRangeError("from and to must be dates written YYYY-MM-DD") from None
     except OverflowError:  # the default `from` would fall before 0001-01-01

@@ -152,6 +152,14 @@ NO_STORE = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
     (b"/report.json?to=nope", True, 400),
     (b"/report.json?limit=-1", True, 400),
     (b"/report?format=json", True, 200),
+    # Only what the error messages say is taken: dates YYYY-MM-DD, a limit of ASCII digits.
+    (b"/report.json?from=2026-W48-1", True, 400),
+    (b"/report.json?to=20261201", True, 400),
+    (b"/report.json?limit=1_0", True, 400),
+    (b"/report.json?limit=%EF%BC%91", True, 400),
+    (b"/report.json?limit=%201%20", True, 400),
+    (b"/report.json?limit=" + b"0" * 5000 + b"7", True, 200),
+    (b"/report.json?limit=" + b"9" * 5000, True, 400),
 ])
 async def test_json_answers_are_never_cached_nor_sniffed(
     target: bytes, auth: bool, status: int, client: TestClient[Any, Any], post: Post,

@@ -112,7 +112,7 @@ class Forwarder:
                 self.settings.forward_url, data=body, headers=headers, allow_redirects=False,
             ) as answer:
                 text = (await answer.content.read(500)).decode(errors="replace")
-                attempt = Attempt(answer.status, text, "" if answer.status < 300 else
+                attempt = Attempt(answer.status, text, "" if 200 <= answer.status < 300 else
                                   f"HTTP {answer.status}", retry_after(answer.headers))
         except (aiohttp.ClientError, TimeoutError) as exc:
             attempt = Attempt(0, "", redacted(f"{type(exc).__name__}: {exc}")[:300])
