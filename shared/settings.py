@@ -101,7 +101,7 @@ def _redis_url(name: str, raw: str) -> str:
         # Named only when it is plainly a scheme: a URL that lost its `//` holds its password
         # where a scheme would be (`redis:/:secret@redis`), and none of it may be printed.
         scheme, found, _ = raw.partition("://")
-        shown = f", not {scheme + found!r}" if found and scheme.isalpha() else ""
+        shown = f", not {scheme!r}" if found and scheme.isalpha() else ""
         raise ConfigError(f"{name} must start with redis://, rediss://, unix://, "
                           f"redis+sentinel:// or rediss+sentinel://{shown}")
     elif not raw.startswith("unix://"):
